@@ -1,0 +1,36 @@
+"""The two embedding models behind one small interface that the engine drives.
+
+A model is loaded into a `LoadedModel`: the packed `nn.Module` (its `embed(batch)` returns pooled
+fp32 vectors, one per sequence of the pack) and a picklable tokenizer that worker processes use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class SequenceTokenizer(Protocol):
+    """Turns one sequence into token ids (specials included). Picklable: runs in worker processes."""
+
+    def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
+        """Token ids, and whether the input was truncated. Unknown letters raise `ValueError` naming the record."""
+        ...
+
+
+@dataclass
+class LoadedModel:
+    kind: str  # "esm2" or "dnabert_s"
+    name: str  # e.g. "esm2_t36_3B_UR50D", or the directory name of a DNABERT-S checkpoint
+    module: torch.nn.Module  # .embed(PackedBatch) -> (B, embed_dim) float32
+    tokenizer: SequenceTokenizer
+    embed_dim: int
+    weights_sha256: str
+    source: str  # the path the weights were read from
+    device: torch.device
+    dtype: torch.dtype
+    attention_backend: str
+    pooling: str  # the pooling rule, recorded in every output
