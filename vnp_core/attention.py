@@ -8,6 +8,8 @@ An optional `alibi_slopes` (H,) fp32 adds the symmetric bias `-slope[h] * |i - j
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, fp16/bf16, no bias).
 - `sdpa_padded`: pad to (B, S), one `scaled_dot_product_attention` call with a mask/bias (any device).
 - `sdpa_reference`: one SDPA call per sequence (the exact CPU/fp32 reference).
+- `flex`: FlexAttention with a document mask and ALiBi as a `score_mod` (compiled on CUDA; on
+  the CPU it runs uncompiled, materialising the scores, for tests only).
 """
 
 from __future__ import annotations
@@ -87,11 +89,42 @@ def _sdpa_reference(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None
     return out
 
 
+@functools.cache
+def _compiled_flex_attention() -> AttentionFn:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # dynamic: every pack has its own length, and a recompile per length would cost more than it saves.
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    tokens = q.shape[0]
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    document = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=tokens)
+
+    def same_document(b, h, q_idx, kv_idx):
+        return document[q_idx] == document[kv_idx]
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        # Sequences lie contiguously in the pack, so within one |q_idx - kv_idx| is their distance.
+        return score - alibi_slopes[h] * (q_idx - kv_idx).abs()
+
+    cuda = q.is_cuda
+    block_mask = create_block_mask(same_document, None, None, tokens, tokens, device=q.device, _compile=cuda)
+    attend = _compiled_flex_attention() if cuda else flex_attention
+    out = attend(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask, scale=scale,
+                 score_mod=None if alibi_slopes is None else alibi)
+    return out[0].transpose(0, 1)
+
+
 BACKENDS: dict[str, AttentionFn] = {
     "flash_attn": _flash_attn,
     "torch_varlen": _torch_varlen,
     "sdpa_padded": _sdpa_padded,
     "sdpa_reference": _sdpa_reference,
+    "flex": _flex,
 }
 
 

@@ -133,13 +133,15 @@ def segment_mean(x: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int = 0,
     """Mean of each segment's rows, in fp32, leaving out `skip_first`/`skip_last` rows of each segment.
 
     ESM-2 pools residues only (skip BOS and EOS: 1, 1); DNABERT-S pools every token (0, 0).
+    Free of host synchronisation (no boolean indexing, sizes from shapes) so the CPU can run ahead.
     """
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
-    pos = position_ids_from_cu_seqlens(cu_seqlens)
-    keep = (pos >= skip_first) & (pos < lengths[seg] - skip_last)
-    counts = (lengths - skip_first - skip_last).clamp(min=1).to(torch.float32)
+    total = x.shape[0]
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths, output_size=total)
+    position = torch.arange(total, device=x.device) - cu[segment]
+    keep = (position >= skip_first) & (position < lengths[segment] - skip_last)
     sums = torch.zeros(len(lengths), x.shape[-1], dtype=torch.float32, device=x.device)
-    sums.index_add_(0, seg[keep], x[keep].to(torch.float32))
+    sums.index_add_(0, segment, x.float() * keep[:, None])
+    counts = (lengths - skip_first - skip_last).clamp(min=1).to(torch.float32)
     return sums / counts[:, None]

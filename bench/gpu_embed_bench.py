@@ -1,0 +1,408 @@
+"""Side-by-side GPU benchmark of vnp's packed embedders against what a user would otherwise run.
+
+One run measures, on the same GPU and the same randomly initialised weights:
+- ESM-2 3B (36 x 2560, 40 heads): vnp packed fp16/bf16 against fair-esm padded fp16 batches and
+  Hugging Face `EsmModel` (SDPA) padded fp16 batches, plus the GEMM-only ceiling; accuracy of the
+  packed fp16 path against fair-esm fp32 (per-sequence cosine of pooled embeddings).
+- DNABERT-S (12 x 768, 12 heads, ALiBi): vnp packed fp16 against one sequence per call in fp32
+  (the original tool's way) and length-sorted padded batches; accuracy against the fp32
+  per-sequence reference.
+
+Usage (on the lent H200): python bench/gpu_embed_bench.py --out $OUT/gpu_embed_bench.json
+Random weights have the real models' cost per token; the real weights cannot be downloaded here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vnp_core.packing import make_batch, plan_packs  # noqa: E402
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+RESULTS: dict = {}
+# "cpu" with --smoke: a quick run of this script's own logic on tiny shapes before spending GPU time.
+DEVICE = "cuda"
+ESM2_BACKEND = "torch_varlen"
+SHAPES = {"esm2": (36, 2560, 40), "dnabert": (12, 768, 12, 3072)}
+
+
+def record(key: str, value) -> None:
+    RESULTS[key] = value
+    print(f"{key}: {value}", flush=True)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, warmup: int = 1, reps: int = 2) -> float:
+    """Median wall seconds of `fn` over `reps` runs after `warmup` runs, synchronised."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def protein_sets(rng: random.Random, scale: float) -> dict[str, list[str]]:
+    def draw(n, length):
+        return ["".join(rng.choice(AMINO_ACIDS) for _ in range(length())) for _ in range(int(n * scale))]
+
+    return {
+        "reads150": draw(12000, lambda: rng.choice([48, 49, 50])),
+        "virnucpro500": draw(4000, lambda: rng.choice([165, 166])),
+        "proteome": draw(1500, lambda: max(30, min(1022, int(rng.lognormvariate(5.6, 0.6))))),
+    }
+
+
+def padded_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """fair-esm extract.py batching: length-sorted, batch * max_len <= max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current, longest = [], [], 0
+    for i in order:
+        if current and max(longest, lengths[i]) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    if current:
+        batches.append(current)
+    return batches
+
+
+def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {
+        "n": int(len(cos)), "min": float(cos.min()), "p1": float(np.percentile(cos, 1)),
+        "median": float(np.median(cos)), "frac_ge_0.999": float((cos >= 0.999).mean()),
+        "pass": bool((cos >= 0.995).all() and (cos >= 0.999).mean() >= 0.99),
+    }
+
+
+def gemm_ceiling(num_layers: int, width: int, ffn: int, tokens: int = 16384) -> dict:
+    """Tokens/s of the layer GEMMs alone (qkv, out, fc1, fc2): what no implementation can beat."""
+    out = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(tokens, width, device=DEVICE, dtype=dtype)
+        weights = [torch.randn(width, n, device=DEVICE, dtype=dtype) * 0.02 for n in (3 * width, width, ffn)]
+        w2 = torch.randn(ffn, width, device=DEVICE, dtype=dtype) * 0.02
+
+        def layers():
+            for _ in range(num_layers):
+                x @ weights[0]; x @ weights[1]; (x @ weights[2]) @ w2  # noqa: E702
+
+        seconds = timed(layers, warmup=2, reps=5)
+        flops = 2 * tokens * num_layers * (3 * width * width + width * width + 2 * width * ffn)
+        out[str(dtype).removeprefix("torch.")] = {"tokens_per_s": round(tokens / seconds), "tflops": round(flops / seconds / 1e12, 1)}
+    return out
+
+
+# ---------------------------------------------------------------- ESM-2 baselines a user would run
+
+
+def fair_esm_embed(model, alphabet, sequences: list[str], max_tokens: int, layer: int) -> np.ndarray:
+    """fair-esm's extract.py way: padded length-sorted batches, mean over residues."""
+    converter = alphabet.get_batch_converter()
+    out = np.zeros((len(sequences), model.embed_dim), dtype=np.float32)
+    with torch.inference_mode():
+        for batch in padded_batches([len(s) + 2 for s in sequences], max_tokens):
+            _, _, tokens = converter([(str(i), sequences[i]) for i in batch])
+            tokens = tokens.to(DEVICE, non_blocking=True)
+            hidden = model(tokens, repr_layers=[layer])["representations"][layer]
+            residue = (tokens != alphabet.padding_idx) & (tokens != alphabet.cls_idx) & (tokens != alphabet.eos_idx)
+            pooled = (hidden.float() * residue[..., None]).sum(1) / residue.sum(1, keepdim=True)
+            out[batch] = pooled.cpu().numpy()
+    return out
+
+
+def hf_esm_model(num_layers: int, width: int, heads: int):
+    from transformers import EsmConfig, EsmModel
+
+    config = EsmConfig(vocab_size=33, hidden_size=width, num_hidden_layers=num_layers, num_attention_heads=heads,
+                       intermediate_size=4 * width, position_embedding_type="rotary", token_dropout=True,
+                       mask_token_id=32, pad_token_id=1, max_position_embeddings=1026,
+                       emb_layer_norm_before=False, layer_norm_eps=1e-5)
+    config._attn_implementation = "sdpa"
+    with torch.device(DEVICE):
+        model = EsmModel(config, add_pooling_layer=False)
+    return model.eval().half()
+
+
+def hf_esm_run(model, alphabet, sequences: list[str], max_tokens: int) -> None:
+    converter = alphabet.get_batch_converter()
+    with torch.inference_mode():
+        for batch in padded_batches([len(s) + 2 for s in sequences], max_tokens):
+            _, _, tokens = converter([(str(i), sequences[i]) for i in batch])
+            tokens = tokens.to(DEVICE, non_blocking=True)
+            hidden = model(input_ids=tokens, attention_mask=(tokens != 1).long()).last_hidden_state
+            residue = (tokens > 3)[..., None]
+            (hidden.float() * residue).sum(1) / residue.sum(1)
+
+
+# ---------------------------------------------------------------- vnp's packed path
+
+
+def to_device(batch):
+    return batch.pin_memory().to(DEVICE, non_blocking=True) if DEVICE == "cuda" else batch
+
+
+def vnp_embed(module, token_ids: list[np.ndarray], max_tokens: int) -> np.ndarray:
+    """What the engine's GPU loop does per shard: pack, pin, copy asynchronously, embed, gather."""
+    vectors, order = [], []
+    with torch.inference_mode():
+        for pack in plan_packs([len(t) for t in token_ids], max_tokens):
+            batch = to_device(make_batch([token_ids[i] for i in pack], pack))
+            vectors.append(module.embed(batch))
+            order.append(batch.seq_index)
+        stacked = torch.cat(vectors).cpu().numpy()
+    result = np.empty_like(stacked)
+    result[torch.cat(order).numpy()] = stacked
+    return result
+
+
+def fuse_qkv(model):
+    """Variant for measurement: one (3d x d) GEMM for q, k and v instead of three."""
+    import types
+
+    from vnp_core.attention import varlen_attention
+    from vnp_core.models.esm2 import apply_rotary
+
+    for layer in model.layers:
+        attn = layer.self_attn
+        attn.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        attn.qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+
+        def forward(self, x, cu_seqlens, max_seqlen, cos, sin, backend):
+            q, k, v = torch.nn.functional.linear(x, self.qkv_weight, self.qkv_bias).view(
+                x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+            out = varlen_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, cu_seqlens, max_seqlen,
+                                   scale=self.head_dim**-0.5, backend=backend)
+            return self.out_proj(out.flatten(1))
+
+        attn.forward = types.MethodType(forward, attn)
+    return model
+
+
+def esm2_section(args) -> None:
+    import esm
+    from esm.model.esm2 import ESM2
+
+    from vnp_core.models.esm2 import ESM2Config, ESM2Tokenizer, PackedESM2
+
+    layers, width, heads = SHAPES["esm2"]
+    record("esm2_gemm_ceiling", gemm_ceiling(layers, width, 4 * width))
+    alphabet = esm.Alphabet.from_architecture("ESM-1b")
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        fair = ESM2(layers, width, heads, alphabet, token_dropout=True).eval()  # fp32: the reference
+    weights = {k: v for k, v in fair.state_dict().items()
+               if not (k.startswith(("lm_head.", "contact_head.")) or k.endswith("rot_emb.inv_freq"))}
+    cfg = ESM2Config(layers, width, heads)
+    ours = {
+        "fp16_torch_varlen": PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND),
+        "bf16_torch_varlen": PackedESM2.from_weights(cfg, weights, DEVICE, torch.bfloat16, ESM2_BACKEND),
+    }
+    del weights
+    if args.esm2_variants:
+        # Candidate speed-ups, measured here before any of them goes into the model file.
+        try:
+            compiled = PackedESM2.from_weights(cfg, {k: v for k, v in ours["fp16_torch_varlen"].state_dict().items()},
+                                               DEVICE, torch.float16, ESM2_BACKEND)
+            compiled.forward = torch.compile(compiled.forward, dynamic=True)
+            ours["fp16_torch_varlen_compiled"] = compiled
+        except Exception as error:
+            record("esm2_compile", f"failed: {error!r}")
+        ours["fp16_torch_varlen_fused_qkv"] = fuse_qkv(
+            PackedESM2.from_weights(cfg, {k: v for k, v in ours["fp16_torch_varlen"].state_dict().items()},
+                                    DEVICE, torch.float16, ESM2_BACKEND))
+    tokenizer = ESM2Tokenizer(1022)
+    sets = protein_sets(random.Random(0), args.scale)
+
+    # Accuracy: packed reduced precision against fair-esm fp32 on a subset of every set.
+    for name, seqs in sets.items():
+        subset = seqs[: args.accuracy_n]
+        reference = fair_esm_embed(fair, alphabet, subset, 8192, layers)
+        tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(subset)]
+        for variant, module in ours.items():
+            record(f"esm2_accuracy_{variant}_vs_fair_esm_fp32_{name}", cosine_stats(vnp_embed(module, tokens, 16384), reference))
+        RESULTS.setdefault("_esm2_reference", {})[name] = reference
+    fair = fair.half()
+    for name, seqs in sets.items():
+        record(f"esm2_accuracy_fair_esm_fp16_vs_fp32_{name}",
+               cosine_stats(fair_esm_embed(fair, alphabet, seqs[: args.accuracy_n], 8192, layers), RESULTS["_esm2_reference"][name]))
+    del RESULTS["_esm2_reference"]
+
+    # Throughput, side by side on the same sets.
+    hf = hf_esm_model(layers, width, heads)
+    for name, seqs in sets.items():
+        residues = sum(len(s) for s in seqs)
+        n_tokens = residues + 2 * len(seqs)
+        tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
+        runs = {
+            "fair_esm_fp16_padded_16k": lambda: fair_esm_embed(fair, alphabet, seqs, 16384, layers),
+            "hf_esm_sdpa_fp16_padded_16k": lambda: hf_esm_run(hf, alphabet, seqs, 16384),
+            "vnp_fp16_packed_16k": lambda: vnp_embed(ours["fp16_torch_varlen"], tokens, 16384),
+            "vnp_fp16_packed_64k": lambda: vnp_embed(ours["fp16_torch_varlen"], tokens, 65536),
+            "vnp_bf16_packed_64k": lambda: vnp_embed(ours["bf16_torch_varlen"], tokens, 65536),
+        }
+        for variant in ("fp16_torch_varlen_compiled", "fp16_torch_varlen_fused_qkv"):
+            if variant in ours:
+                runs[f"vnp_{variant}_64k"] = lambda m=ours[variant]: vnp_embed(m, tokens, 65536)
+        for variant, fn in runs.items():
+            try:
+                seconds = timed(fn, warmup=1, reps=args.reps)
+                record(f"esm2_throughput_{variant}_{name}", {
+                    "tokens_per_s": round(n_tokens / seconds), "residues_per_s": round(residues / seconds),
+                    "sequences_per_s": round(len(seqs) / seconds, 1), "seconds": round(seconds, 3)})
+            except Exception as error:  # a failing variant is recorded, not fatal
+                record(f"esm2_throughput_{variant}_{name}", f"failed: {error!r}")
+    del hf, fair, ours
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- DNABERT-S
+
+
+def dna_sets(rng: np.random.Generator, scale: float) -> dict[str, list[str]]:
+    def draw(n, length):
+        return ["".join(rng.choice(list("ACGT"), size=length)) for _ in range(int(n * scale))]
+
+    return {"reads150": draw(40000, 149), "chunks500": draw(10000, 499)}  # kept frames are 1 bp shorter than codons x3 + 1
+
+
+def padded_token_ids(token_ids: list[np.ndarray], max_tokens: int, pad_id: int) -> list[list[np.ndarray]]:
+    """Length-sorted batches, every sequence padded to its batch's longest: a padded model's work."""
+    batches = []
+    for batch in padded_batches([len(t) for t in token_ids], max_tokens):
+        longest = max(len(token_ids[i]) for i in batch)
+        batches.append([np.pad(token_ids[i], (0, longest - len(token_ids[i])), constant_values=pad_id) for i in batch])
+    return batches
+
+
+def dnabert_section(args, workdir: Path) -> None:
+    from vnp_core.config import EmbedConfig
+    from vnp_core.models.dnabert_s import load_dnabert_s, reference_embed, write_tiny_model
+
+    model_dir = write_tiny_model(workdir / "dnabert_s_full", hidden=SHAPES["dnabert"][1], layers=SHAPES["dnabert"][0],
+                                 heads=SHAPES["dnabert"][2], intermediate=SHAPES["dnabert"][3])
+    sets = dna_sets(np.random.default_rng(0), args.scale)
+    variants = {}
+    for dtype, backend in (("float16", "sdpa_padded"), ("float16", "flex"), ("float32", "sdpa_reference"), ("float32", "sdpa_padded")):
+        try:
+            variants[f"{dtype}_{backend}"] = load_dnabert_s(model_dir, EmbedConfig(device=DEVICE, dtype=dtype, attention_backend=backend))
+        except Exception as error:
+            record(f"dnabert_load_{dtype}_{backend}", f"failed: {error!r}")
+    tokenizer = next(iter(variants.values())).tokenizer
+
+    for name, seqs in sets.items():
+        subset = seqs[: args.accuracy_n]
+        reference = reference_embed(model_dir, subset, device=DEVICE)
+        tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(subset)]
+        for variant, loaded in variants.items():
+            try:
+                record(f"dnabert_accuracy_{variant}_vs_fp32_reference_{name}", cosine_stats(vnp_embed(loaded.module, tokens, 16384), reference))
+            except Exception as error:
+                record(f"dnabert_accuracy_{variant}_{name}", f"failed: {error!r}")
+
+    for name, seqs in sets.items():
+        tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
+        n_tokens = sum(len(t) for t in tokens)
+        record(f"dnabert_tokens_{name}", {"sequences": len(seqs), "tokens": n_tokens, "mean_tokens": round(n_tokens / len(seqs), 1)})
+        one_by_one = tokens[:300]
+        fp32 = variants["float32_sdpa_reference"].module
+        runs = {
+            # The original tool's way: one sequence per call, fp32 (timed on 300 sequences, scaled).
+            "one_sequence_per_call_fp32": (lambda: vnp_embed(fp32, one_by_one, 1), sum(len(t) for t in one_by_one)),
+        }
+        for dtype_name in ("float32", "float16"):
+            key = f"{dtype_name}_sdpa_padded"
+            if key in variants:
+                padded = padded_token_ids(tokens, 16384, pad_id=0)
+                module = variants[key].module
+
+                def run_padded(module=module, padded=padded):
+                    with torch.inference_mode():
+                        for batch in padded:
+                            module.embed(to_device(make_batch(batch, range(len(batch)))))
+                    sync()
+
+                runs[f"padded_batches_16k_{dtype_name}"] = (run_padded, n_tokens)
+        for variant in ("float16_sdpa_padded", "float16_flex"):
+            if variant in variants:
+                for budget in (16384, 65536):
+                    runs[f"vnp_packed_{variant}_{budget // 1024}k"] = (
+                        lambda m=variants[variant].module, b=budget: vnp_embed(m, tokens, b), n_tokens)
+        for variant, (fn, counted_tokens) in runs.items():
+            try:
+                seconds = timed(fn, warmup=1, reps=args.reps)
+                record(f"dnabert_throughput_{variant}_{name}", {"tokens_per_s": round(counted_tokens / seconds), "seconds": round(seconds, 3)})
+            except Exception as error:
+                record(f"dnabert_throughput_{variant}_{name}", f"failed: {error!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON results file.")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/vnp_bench"))
+    parser.add_argument("--scale", type=float, default=1.0, help="Fraction of each length set's size.")
+    parser.add_argument("--accuracy-n", type=int, default=256, help="Sequences per set compared against fp32.")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--sections", default="esm2,dnabert")
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--esm2-variants", action="store_true", help="Also time candidate speed-ups (compile, fused qkv).")
+    parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU: checks this script, measures nothing.")
+    args = parser.parse_args()
+    global DEVICE, ESM2_BACKEND
+    if args.smoke:
+        DEVICE, ESM2_BACKEND = "cpu", "sdpa_padded"
+        SHAPES.update(esm2=(2, 64, 4), dnabert=(2, 64, 4, 128))
+
+    import transformers
+
+    record("command", " ".join(sys.argv))
+    record("commit", args.commit)
+    record("gpu", torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke)")
+    record("versions", {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                        "transformers": transformers.__version__})
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    sections = args.sections.split(",")
+    try:
+        if "esm2" in sections:
+            esm2_section(args)
+        if "dnabert" in sections:
+            dnabert_section(args, args.workdir)
+    finally:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(RESULTS, indent=1, default=str))
+        print_table()
+
+
+def print_table() -> None:
+    print("\n| measurement | value |\n|---|---|")
+    for key, value in RESULTS.items():
+        if isinstance(value, dict) and "tokens_per_s" in value:
+            print(f"| {key} | {value['tokens_per_s']:,} tok/s |")
+        elif isinstance(value, dict) and "min" in value:
+            print(f"| {key} | min {value['min']:.5f} p1 {value['p1']:.5f} pass={value['pass']} |")
+
+
+if __name__ == "__main__":
+    main()

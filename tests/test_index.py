@@ -1,0 +1,99 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from vnp_core.config import PrepConfig
+from vnp_core.fasta import FastaRecord, read_fasta
+from vnp_core.index import build_index, index_summary, read_index, write_index
+from vnp_core.prep import prepare_records
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="module")
+def t4_frames() -> pl.DataFrame:
+    return prepare_records(read_fasta(REAL / "t4.fasta").records, PrepConfig(chunk_length=300)).frames
+
+
+@pytest.fixture(scope="module")
+def two_genomes_frames(t4_frames) -> pl.DataFrame:
+    bacterium = read_fasta(REAL / "cdiphtheriae_NCTC11397_100kb.fasta").records
+    return pl.concat([t4_frames, prepare_records(bacterium, PrepConfig(chunk_length=300)).frames])
+
+
+def test_every_kept_frame_appears_exactly_once_with_its_sequences(t4_frames):
+    index = build_index(t4_frames, num_shards=3)
+    assert index.height == t4_frames.height == index["frame_id"].n_unique()
+    columns = ["frame_id", "record_id", "chunk_index", "chunk_start", "chunk_end", "frame", "nucleotide", "protein"]
+    assert index.select(columns).sort("frame_id").equals(t4_frames.select(columns).sort("frame_id"))
+
+
+@pytest.mark.parametrize("num_shards", [2, 4, 8])
+def test_shards_get_almost_equal_tokens_on_real_genomes(two_genomes_frames, num_shards):
+    index = build_index(two_genomes_frames, num_shards=num_shards)
+    shards = index_summary(index)["shards"]
+    assert shards["shard"].to_list() == list(range(num_shards))
+    assert shards["frames"].max() - shards["frames"].min() <= 1
+    for tokens in ("esm2_tokens", "dnabert_s_tokens"):
+        # Dealing rows in turn leaves shards at most one frame apart.
+        assert shards[tokens].max() - shards[tokens].min() <= index[tokens].max()
+        assert shards[tokens].max() / shards[tokens].min() < 1.03
+
+
+def test_rows_are_sorted_longest_first_and_dealt_to_shards_in_turn(t4_frames):
+    index = build_index(t4_frames, num_shards=3)
+    assert index["esm2_tokens"].is_sorted(descending=True)
+    assert index["shard"].to_list() == [i % 3 for i in range(index.height)]
+
+
+def test_the_index_does_not_depend_on_the_order_of_its_input(t4_frames):
+    shuffled = t4_frames.sample(fraction=1.0, shuffle=True, seed=1)
+    assert build_index(shuffled, num_shards=4).equals(build_index(t4_frames, num_shards=4))
+
+
+def test_token_counts():
+    frames = prepare_records([FastaRecord("r", "", "ATGAAACCC", 1)], PrepConfig(chunk_length=300)).frames
+    long_protein = frames.head(1).with_columns(frame_id=pl.lit("long"), protein=pl.lit("M" * 1500))
+    index = build_index(pl.concat([frames, long_protein]), num_shards=1)
+    rows = {row["frame_id"]: row for row in index.iter_rows(named=True)}
+    assert rows["long"]["esm2_tokens"] == 1022 + 2  # ESM-2's crop
+    assert (rows["r_chunk_1F3"]["nucleotide_length"], rows["r_chunk_1F3"]["protein_length"]) == (7, 2)
+    assert rows["r_chunk_1F3"]["esm2_tokens"] == 4
+    assert rows["r_chunk_1F3"]["dnabert_s_tokens"] == math.ceil(7 / 4.5) + 2  # the documented estimate
+
+    counted = build_index(frames, num_shards=1, dnabert_token_counter=lambda seqs: np.array([len(s) + 100 for s in seqs]))
+    assert (counted["dnabert_s_tokens"] == counted["nucleotide_length"] + 100).all()
+
+
+def test_summary_adds_up(t4_frames):
+    index = build_index(t4_frames, num_shards=4)
+    summary = index_summary(index)
+    assert summary["kept_frames"] == index.height and summary["records_with_kept_frames"] == 1
+    assert summary["esm2_tokens"] == index["esm2_tokens"].sum() == summary["shards"]["esm2_tokens"].sum()
+    assert summary["lengths"]["frames"].sum() == index.height
+    # A 300-bp chunk holds 100 codons; T4's stop-free frames nearly fill it.
+    assert summary["lengths"]["protein_length"].to_list() == ["75-99", "100-124"]
+    assert summary["lengths"]["dnabert_s_tokens"].sum() == summary["dnabert_s_tokens"]
+
+
+def test_parquet_round_trip_is_exact_and_leaves_no_temporary_file(tmp_path, t4_frames):
+    index = build_index(t4_frames, num_shards=2)
+    path = tmp_path / "sample" / "index.parquet"
+    write_index(index, path)
+    assert read_index(path).equals(index)
+    assert [p.name for p in path.parent.iterdir()] == ["index.parquet"]
+
+
+def test_reading_something_else_fails_clearly(tmp_path):
+    path = tmp_path / "other.parquet"
+    pl.DataFrame({"a": [1]}).write_parquet(path)
+    with pytest.raises(ValueError, match="other.parquet: not a vnp sequence index"):
+        read_index(path)
+
+
+def test_at_least_one_shard(t4_frames):
+    with pytest.raises(ValueError, match="num_shards must be >= 1"):
+        build_index(t4_frames, num_shards=0)

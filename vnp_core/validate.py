@@ -1,0 +1,192 @@
+"""Reduced-precision embeddings against the fp32 reference: per-sequence comparison and the report.
+
+The callers embed a length-stratified subset twice (production dtype and packing, and the model's
+fp32 reference path) and hand both here; this module holds no model code.
+Thresholds (../shared/spec/esm2-packed.md): cosine >= `min_cosine_p99` for at least 99% of the
+sequences and >= `min_cosine_all` for every one; any NaN/Inf fails.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
+
+from vnp_core.config import ValidationConfig
+from vnp_core.store import atomic_path
+
+REPORT_FILE = "validation_report.json"
+PER_SEQUENCE_FILE = "validation_per_sequence.parquet"
+HISTOGRAM_FILE = "validation_cosine_histogram.png"
+
+P99_FRACTION = 0.99  # the share of sequences that must reach `min_cosine_p99`
+LENGTH_BINS = 10  # deciles of length: short and long sequences are both represented
+WORST_IDS_SHOWN = 10
+
+
+def select_validation_subset(lengths: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Row positions (sorted) of a deterministic, length-stratified subset of `size` rows.
+
+    Rows are ranked by length and cut into equal-count bins (quantiles); each bin gives the same
+    number of rows (the first bins one more when `size` does not divide), drawn with a seeded
+    generator. Every row when there are no more than `size`.
+    """
+    if size < 1:
+        raise ValueError(f"validation subset size must be positive, got {size}")
+    lengths = np.asarray(lengths)
+    if len(lengths) <= size:
+        return np.arange(len(lengths))
+    rng = np.random.default_rng(seed)
+    bins = np.array_split(np.argsort(lengths, kind="stable"), min(size, LENGTH_BINS))
+    draws = np.array_split(np.arange(size), len(bins))
+    # Both splits put their larger parts first, and len(lengths) > size, so no bin is overdrawn.
+    chosen = [rng.choice(rows, size=len(draw), replace=False) for rows, draw in zip(bins, draws, strict=True)]
+    return np.sort(np.concatenate(chosen))
+
+
+def compare_embeddings(ids: Sequence[str], production: np.ndarray, reference: np.ndarray) -> pl.DataFrame:
+    """Per sequence: `cosine` (float64 arithmetic), `max_abs_diff`, and whether production is non-finite."""
+    if production.shape != reference.shape or len(ids) != len(production):
+        raise ValueError(f"cannot compare {len(ids)} ids, production {production.shape} and reference {reference.shape}")
+    if not np.isfinite(reference).all():
+        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(reference).all(axis=1))[:5]]
+        raise ValueError(f"the fp32 reference embeddings contain NaN/Inf (e.g. {bad}): the comparison is meaningless")
+    production64 = production.astype(np.float64)
+    reference64 = reference.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = (production64 * reference64).sum(axis=1) / (
+            np.linalg.norm(production64, axis=1) * np.linalg.norm(reference64, axis=1))
+    return pl.DataFrame({
+        "id": list(ids),
+        "cosine": cosine,
+        "max_abs_diff": np.abs(production64 - reference64).max(axis=1),
+        "production_nonfinite": ~np.isfinite(production).all(axis=1),
+    })
+
+
+@dataclass
+class ValidationReport:
+    """One model's comparison. Cosine statistics cover the finite ones (None when there are none)."""
+
+    n_compared: int
+    cosine_min: float | None
+    cosine_p1: float | None
+    cosine_median: float | None
+    cosine_mean: float | None
+    max_abs_diff: float | None
+    nan_inf_count: int  # sequences whose production embedding has a NaN or Inf
+    fraction_at_or_above_p99_threshold: float
+    min_cosine_all: float
+    min_cosine_p99: float
+    passed: bool
+    worst_ids: list[str]  # lowest cosine first (NaN/Inf first of all), only those below min_cosine_p99
+
+    @classmethod
+    def from_comparison(cls, comparison: pl.DataFrame, config: ValidationConfig) -> ValidationReport:
+        cosine = comparison["cosine"].to_numpy()
+        max_abs_diff = comparison["max_abs_diff"].to_numpy()
+        finite = cosine[np.isfinite(cosine)]
+        nan_inf_count = int(comparison["production_nonfinite"].sum())
+        # In numpy NaN compares False: a sequence without a finite cosine never reaches a threshold.
+        fraction = float(np.mean(cosine >= config.min_cosine_p99)) if len(cosine) else 0.0
+        passed = (len(cosine) > 0 and len(finite) == len(cosine) and nan_inf_count == 0
+                  and finite.min() >= config.min_cosine_all and fraction >= P99_FRACTION)
+        below = np.flatnonzero(~(cosine >= config.min_cosine_p99))
+        worst = below[np.argsort(np.nan_to_num(cosine[below], nan=-np.inf), kind="stable")][:WORST_IDS_SHOWN]
+        return cls(
+            n_compared=len(cosine),
+            cosine_min=_stat(finite, np.min),
+            cosine_p1=_stat(finite, lambda values: np.percentile(values, 1)),
+            cosine_median=_stat(finite, np.median),
+            cosine_mean=_stat(finite, np.mean),
+            max_abs_diff=_stat(max_abs_diff[np.isfinite(max_abs_diff)], np.max),
+            nan_inf_count=nan_inf_count,
+            fraction_at_or_above_p99_threshold=fraction,
+            min_cosine_all=config.min_cosine_all,
+            min_cosine_p99=config.min_cosine_p99,
+            passed=bool(passed),
+            worst_ids=comparison["id"].gather(worst).to_list(),
+        )
+
+
+def _stat(finite_values: np.ndarray, statistic) -> float | None:
+    return float(statistic(finite_values)) if len(finite_values) else None
+
+
+def build_report(per_model: dict[str, pl.DataFrame], config: ValidationConfig, context: dict) -> dict:
+    """The JSON-serialisable report: pass/fail, `context` as given (device, dtype, back end...), and per model."""
+    models = {name: ValidationReport.from_comparison(comparison, config) for name, comparison in per_model.items()}
+    return {
+        "passed": bool(models) and all(report.passed for report in models.values()),
+        "context": context,
+        "models": {name: asdict(report) for name, report in models.items()},
+    }
+
+
+def report_markdown(report: dict) -> str:
+    """A short Markdown summary for the Dagster UI."""
+    lines = [f"**{'PASSED' if report['passed'] else 'FAILED'}**: reduced precision vs fp32 reference", ""]
+    lines += [f"- {key}: {value}" for key, value in report["context"].items()]
+    lines += ["", "| model | n | min | p1 | median | mean | max abs diff | NaN/Inf | >= p99 threshold | result |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, model in report["models"].items():
+        cosines = [_fmt(model[key]) for key in ("cosine_min", "cosine_p1", "cosine_median", "cosine_mean")]
+        lines.append(f"| {name} | {model['n_compared']} | {' | '.join(cosines)} | {_fmt(model['max_abs_diff'], '.3g')} "
+                     f"| {model['nan_inf_count']} | {model['fraction_at_or_above_p99_threshold']:.2%} "
+                     f"| {'pass' if model['passed'] else 'FAIL'} |")
+    thresholds = next(iter(report["models"].values()), None)
+    if thresholds is not None:
+        lines += ["", f"Thresholds: every cosine >= {thresholds['min_cosine_all']}, at least {P99_FRACTION:.0%} "
+                      f">= {thresholds['min_cosine_p99']}; no NaN/Inf."]
+    lines += [f"- worst {name}: {', '.join(model['worst_ids'])}"
+              for name, model in report["models"].items() if model["worst_ids"]]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str = ".6f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def write_report(report: dict, per_model: dict[str, pl.DataFrame], out_dir: Path) -> dict[str, Path]:
+    """`validation_report.json`, the per-sequence Parquet (with a `model` column) and the cosine histogram."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"report": out_dir / REPORT_FILE, "per_sequence": out_dir / PER_SEQUENCE_FILE,
+             "histogram": out_dir / HISTOGRAM_FILE}
+    with atomic_path(paths["report"]) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    with atomic_path(paths["per_sequence"]) as tmp:
+        pl.concat([comparison.with_columns(model=pl.lit(name)) for name, comparison in per_model.items()]
+                  ).select("model", pl.exclude("model")).write_parquet(tmp)
+    with atomic_path(paths["histogram"]) as tmp:
+        _cosine_histogram(report, per_model).savefig(tmp, format="png", dpi=120)
+    return paths
+
+
+def _cosine_histogram(report: dict, per_model: dict[str, pl.DataFrame]) -> Figure:
+    """Histogram of 1 - cosine on a log axis, where 0.999 and 0.9999 are a decade apart."""
+    floor = 1e-9  # identical vectors (1 - cosine <= 0) are drawn in the first bin
+    edges = np.logspace(np.log10(floor), 0, 10 * 9 + 1)  # ten bins a decade
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    for name, comparison in per_model.items():
+        cosine = comparison["cosine"].to_numpy()
+        distance = np.clip(1.0 - cosine[np.isfinite(cosine)], floor, 1.0)
+        axes.hist(distance, bins=edges, histtype="step", linewidth=1.5, label=f"{name} (n={len(cosine)})")
+    model = next(iter(report["models"].values()), None)
+    if model is not None:
+        axes.axvline(1 - model["min_cosine_p99"], color="0.4", linestyle="--",
+                     label=f"cosine {model['min_cosine_p99']} ({P99_FRACTION:.0%} must be left of it)")
+        axes.axvline(1 - model["min_cosine_all"], color="black", linestyle=":",
+                     label=f"cosine {model['min_cosine_all']} (all must be left of it)")
+    axes.set_xscale("log")
+    axes.set_xlabel("1 - cosine similarity (production vs fp32 reference)")
+    axes.set_ylabel("sequences")
+    axes.set_title(f"Embedding agreement: {'PASSED' if report['passed'] else 'FAILED'}")
+    axes.legend(fontsize="small")
+    return figure
