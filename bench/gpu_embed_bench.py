@@ -218,8 +218,11 @@ def esm2_section(args) -> None:
     cfg = ESM2Config(layers, width, heads)
     ours = {
         "fp16_torch_varlen": PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND),
-        "bf16_torch_varlen": PackedESM2.from_weights(cfg, weights, DEVICE, torch.bfloat16, ESM2_BACKEND),
+        "fp16_torch_varlen_compiled": PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND),
     }
+    ours["fp16_torch_varlen_compiled"].compile_layers()  # what load_esm2 does on CUDA by default
+    if args.esm2_variants:
+        ours["bf16_torch_varlen"] = PackedESM2.from_weights(cfg, weights, DEVICE, torch.bfloat16, ESM2_BACKEND)
     del weights
     if args.esm2_variants:
         # Candidate speed-up, measured here before it goes into the model file. (torch.compile with
@@ -255,9 +258,9 @@ def esm2_section(args) -> None:
             "hf_esm_sdpa_fp16_padded_16k": lambda: hf_esm_run(hf, alphabet, seqs, 16384),
             "vnp_fp16_packed_16k": lambda: vnp_embed(ours["fp16_torch_varlen"], tokens, 16384),
             "vnp_fp16_packed_64k": lambda: vnp_embed(ours["fp16_torch_varlen"], tokens, 65536),
-            "vnp_bf16_packed_64k": lambda: vnp_embed(ours["bf16_torch_varlen"], tokens, 65536),
+            "vnp_fp16_packed_compiled_64k": lambda: vnp_embed(ours["fp16_torch_varlen_compiled"], tokens, 65536),
         }
-        for variant in ("fp16_torch_varlen_fused_qkv",):
+        for variant in ("bf16_torch_varlen", "fp16_torch_varlen_fused_qkv"):
             if variant in ours:
                 runs[f"vnp_{variant}_64k"] = lambda m=ours[variant]: vnp_embed(m, tokens, 65536)
         for variant, fn in runs.items():
@@ -268,8 +271,28 @@ def esm2_section(args) -> None:
                     "sequences_per_s": round(len(seqs) / seconds, 1), "seconds": round(seconds, 3)})
             except Exception as error:  # a failing variant is recorded, not fatal
                 record(f"esm2_throughput_{variant}_{name}", f"failed: {error!r}")
+    engine_end_to_end(ours["fp16_torch_varlen_compiled"], cfg, sets["virnucpro500"], args.workdir)
     del hf, fair, ours
     torch.cuda.empty_cache()
+
+
+def engine_end_to_end(module, cfg, sequences: list[str], workdir: Path) -> None:
+    """The product path: `embed_sequences` with worker tokenising, checkpoints and the HDF5 shard."""
+    from vnp_core.config import EmbedConfig
+    from vnp_core.engine import embed_sequences
+    from vnp_core.models import LoadedModel
+    from vnp_core.models.esm2 import POOLING, ESM2Tokenizer
+
+    loaded = LoadedModel(kind="esm2", name="esm2_t36_3B_random", module=module, tokenizer=ESM2Tokenizer(1022),
+                         embed_dim=cfg.embed_dim, weights_sha256="random", source="random", device=torch.device(DEVICE),
+                         dtype=torch.float16, attention_backend=ESM2_BACKEND, pooling=POOLING)
+    ids = [f"p{i}" for i in range(len(sequences))]
+    for run in range(2):  # the first run also pays compilation for new shapes
+        out = workdir / f"engine_{run}.h5"
+        out.unlink(missing_ok=True)
+        stats = embed_sequences(loaded, ids, sequences, out, EmbedConfig(device=DEVICE, dtype="float16", max_tokens=65536, num_workers=4))
+    record("esm2_throughput_vnp_engine_to_hdf5_compiled_64k_virnucpro500", {
+        "tokens_per_s": round(stats.tokens_per_s), "sequences_per_s": round(stats.sequences_per_s, 1), "seconds": round(stats.seconds, 3)})
 
 
 def esm2_compile_section(args) -> None:
@@ -322,9 +345,12 @@ def dnabert_section(args, workdir: Path) -> None:
                                  heads=SHAPES["dnabert"][2], intermediate=SHAPES["dnabert"][3])
     sets = dna_sets(np.random.default_rng(0), args.scale)
     variants = {}
-    for dtype, backend in (("float16", "sdpa_padded"), ("float16", "flex"), ("float32", "sdpa_reference"), ("float32", "sdpa_padded")):
+    candidates = [("float16", "sdpa_padded", True), ("float16", "sdpa_padded", False), ("float32", "sdpa_reference", False),
+                  ("float32", "sdpa_padded", False)] + ([("float16", "flex", False)] if args.dnabert_flex else [])
+    for dtype, backend, compiled in candidates:
         try:
-            variants[f"{dtype}_{backend}"] = load_dnabert_s(model_dir, EmbedConfig(device=DEVICE, dtype=dtype, attention_backend=backend))
+            variants[f"{dtype}_{backend}" + ("_compiled" if compiled else "")] = load_dnabert_s(model_dir, EmbedConfig(
+                device=DEVICE, dtype=dtype, attention_backend=backend, compile_layers=compiled))
         except Exception as error:
             record(f"dnabert_load_{dtype}_{backend}", f"failed: {error!r}")
     tokenizer = next(iter(variants.values())).tokenizer
@@ -362,9 +388,9 @@ def dnabert_section(args, workdir: Path) -> None:
                     sync()
 
                 runs[f"padded_batches_16k_{dtype_name}"] = (run_padded, n_tokens)
-        for variant in ("float16_sdpa_padded", "float16_flex"):
+        for variant in ("float16_sdpa_padded", "float16_sdpa_padded_compiled", "float16_flex"):
             if variant in variants:
-                for budget in (16384, 65536):
+                for budget in (65536, 262144):
                     runs[f"vnp_packed_{variant}_{budget // 1024}k"] = (
                         lambda m=variants[variant].module, b=budget: vnp_embed(m, tokens, b), n_tokens)
         for variant, (fn, counted_tokens) in runs.items():
@@ -384,7 +410,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--sections", default="esm2,dnabert")
     parser.add_argument("--commit", default="unknown")
-    parser.add_argument("--esm2-variants", action="store_true", help="Also time a candidate speed-up (fused qkv).")
+    parser.add_argument("--esm2-variants", action="store_true", help="Also time bf16 and a fused-qkv candidate.")
+    parser.add_argument("--dnabert-flex", action="store_true", help="Also time the FlexAttention back end.")
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU: checks this script, measures nothing.")
     args = parser.parse_args()
     global DEVICE, ESM2_BACKEND

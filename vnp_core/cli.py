@@ -50,12 +50,12 @@ def prep(
 
 
 def _embed(kind: str, input: Path, model: Path, out: Path, device: str, dtype: str, max_tokens: Optional[int],
-           max_protein_length: int, backend: str, workers: int) -> None:
+           max_protein_length: int, backend: str, workers: int, compile_layers: bool) -> None:
     from vnp_core.engine import embed_fasta_to_hdf5
     from vnp_core.fasta import FastaError
 
     config = EmbedConfig(device=device, dtype=dtype, max_tokens=max_tokens, attention_backend=backend,
-                         max_protein_length=max_protein_length, num_workers=workers)
+                         max_protein_length=max_protein_length, num_workers=workers, compile_layers=compile_layers)
     try:
         stats = embed_fasta_to_hdf5(kind, input, model, out, config, show_progress=True)
     except (FastaError, ValueError, FileNotFoundError) as error:
@@ -66,7 +66,8 @@ def _embed(kind: str, input: Path, model: Path, out: Path, device: str, dtype: s
 _DEVICE = typer.Option("--device", help="cpu, cuda or cuda:N.")
 _DTYPE = typer.Option("--dtype", help="float32, float16 or bfloat16.")
 _MAX_TOKENS = typer.Option("--max-tokens", help="Token budget of one pack (default: sized from free device memory).")
-_BACKEND = typer.Option("--attention", help="auto, flash_attn, torch_varlen, sdpa_padded or sdpa_reference.")
+_BACKEND = typer.Option("--attention", help="auto, flash_attn, torch_varlen, sdpa_padded, sdpa_reference or flex.")
+_COMPILE = typer.Option("--compile/--no-compile", help="torch.compile each layer on CUDA (faster; first pack pays the compile).")
 _WORKERS = typer.Option("--workers", help="CPU processes that tokenise and pack ahead of the device.")
 
 
@@ -81,9 +82,10 @@ def embed_esm2(
     max_protein_length: Annotated[int, typer.Option("--max-protein-length", help="Longer proteins keep their first N residues.")] = 1022,
     attention: Annotated[str, _BACKEND] = "auto",
     workers: Annotated[int, _WORKERS] = 1,
+    compile_layers: Annotated[bool, _COMPILE] = True,
 ) -> None:
     """Mean-pooled last-layer ESM-2 embeddings (residues only) of every protein."""
-    _embed("esm2", input, model, out, device, dtype, max_tokens, max_protein_length, attention, workers)
+    _embed("esm2", input, model, out, device, dtype, max_tokens, max_protein_length, attention, workers, compile_layers)
 
 
 @embed_app.command("dnabert-s")
@@ -96,9 +98,10 @@ def embed_dnabert_s(
     max_tokens: Annotated[Optional[int], _MAX_TOKENS] = None,
     attention: Annotated[str, _BACKEND] = "auto",
     workers: Annotated[int, _WORKERS] = 1,
+    compile_layers: Annotated[bool, _COMPILE] = True,
 ) -> None:
     """Mean-pooled DNABERT-S embeddings (all tokens, [CLS] and [SEP] included) of every sequence."""
-    _embed("dnabert_s", input, model, out, device, dtype, max_tokens, 1022, attention, workers)
+    _embed("dnabert_s", input, model, out, device, dtype, max_tokens, 1022, attention, workers, compile_layers)
 
 
 @models_app.command("make-tiny")
@@ -133,7 +136,7 @@ def run(
     dnabert_s_model: Annotated[Optional[Path], typer.Option("--dnabert-s-model", help="DNABERT-S directory (default: tiny model).")] = None,
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="VirNucPro classifier weights (default: tiny model).")] = None,
     trust_classifier_pickle: Annotated[bool, typer.Option("--trust-classifier-pickle", help="Allow a pickled whole-module classifier (runs code from the file).")] = False,
-    dtype: Annotated[str, _DTYPE] = "float16",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU).")] = None,
 ) -> None:
     """Materialize one sample through the Dagster asset graph on a local persistent instance."""
     from vnp_assets.run_sample import run_sample  # Dagster only here: the rest of vnp_core never imports it

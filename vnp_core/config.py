@@ -11,7 +11,7 @@ from typing import Literal
 
 ChunkLength = Literal[300, 500]
 Dtype = Literal["float32", "float16", "bfloat16"]
-AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_padded", "sdpa_reference"]
+AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_padded", "sdpa_reference", "flex"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class EmbedConfig:
     # Token budget of one pack; None sizes it from the device's free memory.
     max_tokens: int | None = None
     attention_backend: AttentionBackend = "auto"
+    # torch.compile each transformer layer on CUDA, fusing its elementwise work (LayerNorm, rotary,
+    # GELU, residuals); attention stays an opaque kernel. +13% on ESM-2 3B on an H200 (bench/).
+    compile_layers: bool = True
     # ESM-2 was trained on crops of 1022 residues: longer proteins keep their N-terminal part.
     max_protein_length: int = 1022
     # CPU worker processes that tokenise and pack ahead of the GPU (0: in the main process).

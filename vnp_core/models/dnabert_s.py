@@ -161,6 +161,11 @@ class PackedDnabertS(nn.Module):
             x = layer(x, batch.cu_seqlens, batch.max_seqlen, self.alibi_slopes)
         return x
 
+    def compile_layers(self) -> None:
+        """Fuse each layer's elementwise work with torch.compile; shapes vary per pack, hence dynamic."""
+        for layer in self.encoder.layer:
+            layer.compile(dynamic=True)
+
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """(B, hidden) fp32: each sequence's mean over all its tokens, [CLS] and [SEP] included."""
@@ -211,6 +216,8 @@ def load_dnabert_s(path: Path, config: EmbedConfig) -> LoadedModel:
     module.load_state_dict({key: tensor.to(dtype) for key, tensor in state.items()}, assign=True)
     # A non-persistent buffer: not in the checkpoint, so still on the meta device until set here.
     module.alibi_slopes = alibi_slopes(model_config.num_attention_heads).to(device)
+    if config.compile_layers and device.type == "cuda":
+        module.compile_layers()
     with file.open("rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     return LoadedModel(

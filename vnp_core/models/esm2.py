@@ -179,6 +179,11 @@ class PackedESM2(nn.Module):
             x = layer(x, cu_seqlens, batch.max_seqlen, cos, sin, self.attention_backend)
         return self.emb_layer_norm_after(x)
 
+    def compile_layers(self) -> None:
+        """Fuse each layer's elementwise work with torch.compile; shapes vary per pack, hence dynamic."""
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """(B, embed_dim) fp32 mean of each sequence's residues (BOS and EOS left out)."""
@@ -195,10 +200,13 @@ def load_esm2(path: Path, config: EmbedConfig) -> LoadedModel:
     cfg, weights = read_esm2_weights(source)
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
     backend = select_backend(config.attention_backend, device, dtype, needs_bias=False)
+    module = PackedESM2.from_weights(cfg, weights, device, dtype, backend)
+    if config.compile_layers and device.type == "cuda":
+        module.compile_layers()
     return LoadedModel(
         kind="esm2",
         name=source.stem if source.is_file() else source.name,
-        module=PackedESM2.from_weights(cfg, weights, device, dtype, backend),
+        module=module,
         tokenizer=ESM2Tokenizer(config.max_protein_length),
         embed_dim=cfg.embed_dim,
         weights_sha256=_sha256(_files_read(source)),
