@@ -68,7 +68,7 @@ _DTYPE = typer.Option("--dtype", help="float32, float16 or bfloat16.")
 _MAX_TOKENS = typer.Option("--max-tokens", help="Token budget of one pack (default: sized from free device memory).")
 _BACKEND = typer.Option("--attention", help="auto, flash_attn, torch_varlen, sdpa_padded, sdpa_reference or flex.")
 _COMPILE = typer.Option("--compile/--no-compile", help="torch.compile each layer on CUDA (faster; first pack pays the compile).")
-_WORKERS = typer.Option("--workers", help="CPU processes that tokenise and pack ahead of the device.")
+_WORKERS = typer.Option("--workers", help="CPU processes that tokenise before the device loop (0: none).")
 
 
 @embed_app.command("esm2")
@@ -81,7 +81,7 @@ def embed_esm2(
     max_tokens: Annotated[Optional[int], _MAX_TOKENS] = None,
     max_protein_length: Annotated[int, typer.Option("--max-protein-length", help="Longer proteins keep their first N residues.")] = 1022,
     attention: Annotated[str, _BACKEND] = "auto",
-    workers: Annotated[int, _WORKERS] = 1,
+    workers: Annotated[int, _WORKERS] = 0,
     compile_layers: Annotated[bool, _COMPILE] = True,
 ) -> None:
     """Mean-pooled last-layer ESM-2 embeddings (residues only) of every protein."""
@@ -97,7 +97,7 @@ def embed_dnabert_s(
     dtype: Annotated[str, _DTYPE] = "float32",
     max_tokens: Annotated[Optional[int], _MAX_TOKENS] = None,
     attention: Annotated[str, _BACKEND] = "auto",
-    workers: Annotated[int, _WORKERS] = 1,
+    workers: Annotated[int, _WORKERS] = 0,
     compile_layers: Annotated[bool, _COMPILE] = True,
 ) -> None:
     """Mean-pooled DNABERT-S embeddings (all tokens, [CLS] and [SEP] included) of every sequence."""

@@ -45,8 +45,10 @@ class EmbedConfig:
     compile_layers: bool = True
     # ESM-2 was trained on crops of 1022 residues: longer proteins keep their N-terminal part.
     max_protein_length: int = 1022
-    # CPU worker processes that tokenise and pack ahead of the GPU (0: in the main process).
-    num_workers: int = 1
+    # CPU worker processes that tokenise before the device loop (0: in the main process). Both
+    # tokenizers are vectorised/Rust and fast; a worker costs a process start with a torch import,
+    # which only pays off for inputs of millions of sequences.
+    num_workers: int = 0
     # Rows between durable checkpoints of a shard (resume restarts from the last one).
     checkpoint_rows: int = 4096
 

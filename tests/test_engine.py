@@ -1,0 +1,272 @@
+"""The inference engine on the CPU: a deterministic stand-in model, then the tiny ESM-2 and DNABERT-S."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vnp_core.config import EmbedConfig
+from vnp_core.engine import (
+    CPU_MAX_TOKENS,
+    NonFiniteEmbeddingError,
+    TokenizationError,
+    embed_fasta_to_hdf5,
+    embed_sequences,
+    load_model,
+)
+from vnp_core.fasta import FastaError
+from vnp_core.models import LoadedModel
+from vnp_core.packing import make_batch, segment_mean
+from vnp_core.store import ShardCheckpoint, checkpoint_path, read_embeddings
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+LETTERS = "ACDEFGHIKLMNPQRSTVWY"
+
+
+@dataclass(frozen=True)
+class LetterTokenizer:
+    """`[0] + one id per letter`, cut after `max_letters` letters."""
+
+    max_letters: int = 40
+
+    def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
+        if unknown := sorted(set(sequence) - set(LETTERS)):
+            raise ValueError(f"record {record_id!r}: unknown letter {unknown[0]!r}")
+        letters = sequence[: self.max_letters]
+        return np.array([0] + [LETTERS.index(c) + 1 for c in letters]), len(sequence) > self.max_letters
+
+
+class MeanEmbedding(nn.Module):
+    """A deterministic stand-in for a model: mean of learned token vectors, and switchable faults."""
+
+    def __init__(self, *, oom_above_tokens: int | None = None, nan_letter: str | None = None,
+                 stall_at: int | None = None, stall_marker: Path | None = None):
+        super().__init__()
+        self.table = nn.Embedding(len(LETTERS) + 1, 8)
+        with torch.no_grad():
+            self.table.weight.copy_(torch.linspace(-1, 1, self.table.weight.numel()).view_as(self.table.weight).sin())
+        self.oom_above_tokens = oom_above_tokens
+        self.nan_token = None if nan_letter is None else LETTERS.index(nan_letter) + 1
+        self.stall_at, self.stall_marker = stall_at, stall_marker
+        self.pack_sizes: list[int] = []
+
+    def embed(self, batch) -> torch.Tensor:
+        if self.oom_above_tokens is not None and batch.num_tokens > self.oom_above_tokens:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        if self.stall_at is not None and self.stall_at in batch.seq_index.tolist():
+            self.stall_marker.touch()
+            time.sleep(600)  # the test kills the process here
+        self.pack_sizes.append(batch.num_sequences)
+        vectors = segment_mean(self.table(batch.input_ids), batch.cu_seqlens)
+        if self.nan_token is not None:
+            poisoned = segment_mean((batch.input_ids == self.nan_token).float()[:, None], batch.cu_seqlens)[:, 0] > 0
+            vectors[poisoned] = float("nan")
+        return vectors
+
+
+def fake_model(**faults) -> LoadedModel:
+    return LoadedModel(kind="esm2", name="mean-embedding", module=MeanEmbedding(**faults), tokenizer=LetterTokenizer(),
+                       embed_dim=8, weights_sha256="0" * 64, source="memory", device=torch.device("cpu"),
+                       dtype=torch.float32, attention_backend="none", pooling="mean over all tokens")
+
+
+def proteins(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    sequences = ["".join(rng.choices(LETTERS, k=rng.randint(3, 60))) for _ in range(n)]
+    return [f"protein_{i}" for i in range(n)], sequences
+
+
+def config(**overrides) -> EmbedConfig:
+    return EmbedConfig(**{"num_workers": 0, "max_tokens": 60, "checkpoint_rows": 4, **overrides})
+
+
+def test_every_sequence_once_in_input_order(tmp_path):
+    ids, sequences = proteins(30)
+    model = fake_model()
+    reports = []
+    stats = embed_sequences(model, ids, sequences, tmp_path / "shard.h5", config(), attrs={"chunk_length": 300},
+                            progress=reports.append)
+
+    shard = read_embeddings(tmp_path / "shard.h5")
+    assert shard.ids == ids
+    assert len(model.module.pack_sizes) > 5  # many packs
+    for i, sequence in enumerate(sequences):
+        with torch.inference_mode():
+            alone = model.module.embed(make_batch([model.tokenizer.encode(sequence, ids[i])[0]], [0]))
+        np.testing.assert_allclose(shard.embeddings[i], alone[0].numpy(), rtol=1e-6, atol=1e-7)
+    assert stats.sequences == 30 and stats.resumed_from_rows == 0
+    assert stats.truncated == shard.attrs["truncated"] == sum(len(s) > 40 for s in sequences)
+    assert stats.tokens == sum(min(len(s), 40) + 1 for s in sequences)
+    assert shard.attrs["chunk_length"] == 300 and shard.attrs["max_tokens"] == 60
+    assert [r.sequences_done for r in reports] == sorted(r.sequences_done for r in reports)
+    assert reports[-1].sequences_done == reports[-1].sequences_total == 30
+    assert [p.name for p in tmp_path.iterdir()] == ["shard.h5"]
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="1 id.* more than once: 'a'"):
+        embed_sequences(fake_model(), ["a", "b", "a"], ["ACD", "EFG", "HIK"], tmp_path / "shard.h5", config())
+
+
+def test_worker_processes_give_the_same_shard(tmp_path):
+    ids, sequences = proteins(40)
+    embed_sequences(fake_model(), ids, sequences, tmp_path / "inline.h5", config(num_workers=0))
+    embed_sequences(fake_model(), ids, sequences, tmp_path / "workers.h5", config(num_workers=2))
+    inline, workers = read_embeddings(tmp_path / "inline.h5"), read_embeddings(tmp_path / "workers.h5")
+    assert workers.ids == inline.ids == ids
+    np.testing.assert_array_equal(workers.embeddings, inline.embeddings)
+    assert workers.attrs["truncated"] == inline.attrs["truncated"] > 0
+
+
+def test_tokenizer_error_in_a_worker_names_the_record(tmp_path):
+    ids, sequences = proteins(10)
+    sequences[7] = "ACDJ"
+    with pytest.raises(TokenizationError, match="record 'protein_7': unknown letter 'J'"):
+        embed_sequences(fake_model(), ids, sequences, tmp_path / "shard.h5", config(num_workers=1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_in_a_pack_names_the_sequences_and_writes_no_shard(tmp_path):
+    ids, sequences = proteins(30)
+    sequences = [s.replace("W", "A") for s in sequences]
+    sequences[20] += "W"
+    with pytest.raises(NonFiniteEmbeddingError, match="NaN/Inf embeddings for 1 of the .*: 'protein_20'$"):
+        embed_sequences(fake_model(nan_letter="W"), ids, sequences, tmp_path / "shard.h5", config())
+    assert not (tmp_path / "shard.h5").exists()
+    # The packs before the poisoned one were checkpointed, and only finite rows were.
+    with h5py.File(checkpoint_path(tmp_path / "shard.h5"), "r") as partial:
+        assert 0 < partial.attrs["rows_done"] <= 20
+        assert np.isfinite(partial["embeddings"][:]).all()
+
+
+def test_out_of_memory_packs_are_split_and_retried(tmp_path):
+    ids, sequences = proteins(30)
+    embed_sequences(fake_model(), ids, sequences, tmp_path / "whole.h5", config(max_tokens=10_000))
+    squeezed = fake_model(oom_above_tokens=70)
+    embed_sequences(squeezed, ids, sequences, tmp_path / "split.h5", config(max_tokens=10_000))
+
+    whole, split = read_embeddings(tmp_path / "whole.h5"), read_embeddings(tmp_path / "split.h5")
+    assert split.ids == whole.ids == ids
+    np.testing.assert_allclose(split.embeddings, whole.embeddings, rtol=1e-6, atol=1e-7)
+    assert sum(squeezed.module.pack_sizes) == 30 and len(squeezed.module.pack_sizes) > 1
+
+
+def test_a_sequence_too_large_on_its_own_is_named(tmp_path):
+    ids, sequences = ["short", "long", "tiny"], ["ACDEF", "GHIKLMNPQRSTVWY" * 2, "ACD"]
+    with pytest.raises(torch.OutOfMemoryError, match=r"'long' \(31 tokens\) does not fit"):
+        embed_sequences(fake_model(oom_above_tokens=30), ids, sequences, tmp_path / "shard.h5", config())
+    assert not (tmp_path / "shard.h5").exists()
+
+
+def _embed_until_stalled(ids, sequences, out: Path, marker: Path, stall_at: int) -> None:
+    embed_sequences(fake_model(stall_at=stall_at, stall_marker=marker), ids, sequences, out, config())
+
+
+def test_run_killed_mid_way_resumes_to_the_same_shard(tmp_path):
+    ids, sequences = proteins(40)
+    embed_sequences(fake_model(), ids, sequences, tmp_path / "uninterrupted.h5", config())
+
+    out, marker = tmp_path / "shard.h5", tmp_path / "stalled"
+    child = multiprocessing.get_context("spawn").Process(target=_embed_until_stalled,
+                                                         args=(ids, sequences, out, marker, 30))
+    child.start()
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the child never reached the stalling pack"
+    time.sleep(0.5)  # lets the writer thread finish the checkpoint of the packs before it
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    assert not out.exists() and checkpoint_path(out).exists()
+
+    stats = embed_sequences(fake_model(), ids, sequences, out, config())
+    assert 0 < stats.resumed_from_rows <= 30
+    resumed, uninterrupted = read_embeddings(out), read_embeddings(tmp_path / "uninterrupted.h5")
+    assert resumed.ids == uninterrupted.ids == ids
+    np.testing.assert_array_equal(resumed.embeddings, uninterrupted.embeddings)
+
+
+def test_complete_shard_is_not_recomputed(tmp_path):
+    ids, sequences = proteins(12)
+    embed_sequences(fake_model(), ids, sequences, tmp_path / "shard.h5", config())
+    idle = fake_model()
+    stats = embed_sequences(idle, ids, sequences, tmp_path / "shard.h5", config())
+    assert idle.module.pack_sizes == []
+    assert stats.resumed_from_rows == stats.sequences == 12
+    assert "nothing to do" in stats.summary()
+
+
+def test_checkpoint_or_shard_of_other_input_is_recomputed(tmp_path, caplog):
+    ids, sequences = proteins(12)
+    out = tmp_path / "shard.h5"
+    stale = ShardCheckpoint.open(out, "fingerprint of another input", embed_dim=8)
+    stale.append(ids[:4], np.full((4, 8), 7.0, dtype=np.float32))
+    stale.flush_durable()
+    stale.close()
+
+    with caplog.at_level(logging.WARNING):
+        stats = embed_sequences(fake_model(), ids, sequences, out, config())
+    assert stats.resumed_from_rows == 0 and "starting over" in caplog.text
+    assert not np.any(read_embeddings(out).embeddings == 7.0)
+
+    sequences[3] = "ACDEF"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        stats = embed_sequences(fake_model(), ids, sequences, out, config())
+    assert stats.resumed_from_rows == 0 and "recomputing" in caplog.text
+
+
+def test_tiny_esm2_packed_in_many_packs_matches_one_pack(tmp_path):
+    from vnp_core.models.esm2 import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "esm2_tiny.pt")
+    model = load_model("esm2", checkpoint, EmbedConfig())
+    ids, sequences = proteins(24)
+    many = embed_sequences(model, ids, sequences, tmp_path / "many.h5", config(max_tokens=64))
+    one = embed_sequences(model, ids, sequences, tmp_path / "one.h5", config(max_tokens=100_000))
+    assert (many.max_tokens, one.max_tokens) == (64, 100_000)
+    small_packs, big_pack = read_embeddings(tmp_path / "many.h5"), read_embeddings(tmp_path / "one.h5")
+    assert small_packs.ids == big_pack.ids == ids
+    np.testing.assert_allclose(small_packs.embeddings, big_pack.embeddings, rtol=1e-5, atol=1e-6)
+    assert small_packs.attrs["model_name"] == "esm2_tiny" and small_packs.attrs["dtype"] == "float32"
+
+
+def test_embed_fasta_with_tiny_dnabert_s_on_a_real_genome(tmp_path):
+    from vnp_core.models.dnabert_s import write_tiny_model
+
+    genome = "".join(line.strip() for line in (REAL_DATA / "phiX174.fasta").read_text().splitlines()[1:])
+    chunks = [genome[start : start + 300] for start in range(0, len(genome), 300)]
+    fasta = tmp_path / "phiX174_chunks.fa"
+    fasta.write_text("".join(f">phiX_{i}\n{chunk}\n" for i, chunk in enumerate(chunks)))
+
+    stats = embed_fasta_to_hdf5("dnabert_s", fasta, write_tiny_model(tmp_path / "dnabert_s_tiny"),
+                                tmp_path / "shard.h5", EmbedConfig(num_workers=0))
+    shard = read_embeddings(tmp_path / "shard.h5")
+    assert shard.ids == [f"phiX_{i}" for i in range(len(chunks))]
+    assert shard.embeddings.shape == (len(chunks), 64) and np.isfinite(shard.embeddings).all()
+    assert stats.max_tokens == shard.attrs["max_tokens"] == CPU_MAX_TOKENS
+    assert shard.attrs["kind"] == "dnabert_s"
+
+
+def test_embed_fasta_rejects_a_bad_protein_naming_file_and_record(tmp_path):
+    from vnp_core.models.esm2 import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "esm2_tiny.pt")
+    fasta = tmp_path / "proteins.faa"
+    fasta.write_text(">good\nMKV\n>soft_masked\nMKvL\n")
+    with pytest.raises(FastaError, match=r"proteins\.faa.*'soft_masked'.*'v'"):
+        embed_fasta_to_hdf5("esm2", fasta, checkpoint, tmp_path / "shard.h5", EmbedConfig(num_workers=0))
+    assert not (tmp_path / "shard.h5").exists()

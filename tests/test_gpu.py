@@ -1,0 +1,128 @@
+"""GPU discovery, the cross-process lease and device processes, with simulated devices (no GPU needed)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from vnp_core.gpu import DeviceProcessError, GpuLease, discover_devices, run_in_device_process
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_discovery_lists_physical_ids_and_honours_allowed(four_gpus):
+    assert discover_devices() == [0, 1, 2, 3]
+    assert discover_devices([2, 3]) == [2, 3]
+    with pytest.raises(ValueError, match=r"GPU\(s\) \[4\] requested.*\[0, 1, 2, 3\]"):
+        discover_devices([3, 4])
+
+
+def test_discovery_maps_cuda_visible_devices_back_to_physical_ids(monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert discover_devices() == [5, 7]
+    assert discover_devices([7]) == [7]
+    with pytest.raises(ValueError, match=r"\[0\] requested"):
+        discover_devices([0])  # cuda:0 here is physical GPU 5, not 0
+
+
+def test_discovery_without_gpus(monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    assert discover_devices() == []
+    with pytest.raises(ValueError, match="none"):
+        discover_devices([0])
+
+
+def _hold_a_lease(start, lock_dir: Path, holders: Path, log: Path) -> None:
+    """Take a lease on one of two GPUs together with the others; prove nobody holds the same one meanwhile."""
+    start.wait()
+    asked = time.monotonic()
+    with GpuLease([0, 1], lock_dir, timeout=60, poll_seconds=0.02) as device:
+        waited = time.monotonic() - asked
+        # O_EXCL fails if another process holds this device right now.
+        fd = os.open(holders / f"gpu{device}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        time.sleep(0.5)
+        os.close(fd)
+        os.unlink(holders / f"gpu{device}")
+    with log.open("a") as f:
+        f.write(f"{device} {waited}\n")
+
+
+def test_lease_is_exclusive_across_processes(tmp_path):
+    holders = tmp_path / "holders"
+    holders.mkdir()
+    log = tmp_path / "log"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(6)
+    workers = [context.Process(target=_hold_a_lease, args=(start, tmp_path / "locks", holders, log)) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0] * 6  # a clash would have failed the O_EXCL create
+    leases = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(device for device, _ in leases) == ["0", "0", "0", "1", "1", "1"]
+    assert sum(float(waited) > 0.3 for _, waited in leases) >= 2  # they did contend for the two GPUs
+
+
+def _lease_then_sleep(lock_dir: Path, marker: Path) -> None:
+    with GpuLease([0], lock_dir):
+        marker.touch()
+        time.sleep(600)
+
+
+def test_lease_of_a_killed_process_is_freed(tmp_path):
+    marker = tmp_path / "leased"
+    holder = multiprocessing.get_context("spawn").Process(target=_lease_then_sleep, args=(tmp_path, marker))
+    holder.start()
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with pytest.raises(TimeoutError, match=r"GPUs \[0\]"):
+        GpuLease([0], tmp_path, timeout=0.2, poll_seconds=0.05).acquire()
+
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    with GpuLease([0], tmp_path, timeout=10, poll_seconds=0.05) as device:
+        assert device == 0
+
+
+def _visible_devices() -> str:
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def test_device_process_sees_exactly_the_leased_gpu(four_gpus, tmp_path):
+    devices = discover_devices([2, 3])
+    with GpuLease(devices, tmp_path) as first, GpuLease(devices, tmp_path) as second:
+        assert (first, second) == (2, 3)
+        assert run_in_device_process(_visible_devices, device=second) == "3"
+    assert run_in_device_process(_visible_devices, device=None) == ""
+
+
+def _fail(record_id: str) -> None:
+    raise ValueError(f"record {record_id!r} is broken")
+
+
+def test_device_process_error_comes_back_with_its_traceback():
+    with pytest.raises(ValueError, match="record 'r7' is broken") as excinfo:
+        run_in_device_process(_fail, "r7", device=1)
+    note = "\n".join(excinfo.value.__notes__)
+    assert "_fail on GPU 1" in note and 'Traceback (most recent call last)' in note and "in _fail" in note
+
+
+def _killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_device_process_killed_by_a_signal_is_an_error():
+    with pytest.raises(DeviceProcessError, match=r"_killed on GPU 0 was killed by signal 9 \(SIGKILL\)"):
+        run_in_device_process(_killed, device=0)

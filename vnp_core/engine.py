@@ -1,0 +1,437 @@
+"""The inference engine: one loop that drives either model over a shard of sequences.
+
+Data path, top to bottom: tokenise (in worker processes) -> plan token-budget packs -> for each
+pack: pinned host batch -> asynchronous copy -> packed forward (halved and retried on out of
+memory) -> finite check on the device -> results read back once the compute has finished ->
+checkpoint writer thread -> count in == count out checked -> atomic rename to the shard.
+
+A killed run resumes from its last durable checkpoint. Packs are planned greedily in input order,
+so planning again from a checkpoint (always a pack boundary) with the same budget reproduces the
+killed run's remaining packs exactly, and with them its vectors bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vnp_core import __version__
+from vnp_core.config import EmbedConfig
+from vnp_core.fasta import NUCLEOTIDE_LETTERS, FastaError, read_fasta
+from vnp_core.models import LoadedModel, SequenceTokenizer
+from vnp_core.packing import PackedBatch, make_batch, plan_packs, split_batch
+from vnp_core.store import ShardCheckpoint, describe_ids, read_attrs
+
+log = logging.getLogger(__name__)
+
+# Pack budget on a CPU, where there is no free-memory figure to size it from.
+CPU_MAX_TOKENS = 16384
+# Activation vectors of the model's width alive per token inside one layer (q, k, v, the 4x
+# feed-forward and its GELU, residual, norms), with headroom. inference_mode frees each layer's
+# activations before the next runs, so the depth does not matter.
+ACTIVATIONS_PER_TOKEN = 32
+# Share of the free device memory (measured after the weights are loaded) that packs may use.
+FREE_MEMORY_SHARE = 0.5
+# DNABERT-S still gains up to 256k tokens a pack on an H200 (+17-30% over 64k); ESM-2 3B is flat past
+# 64k (bench/results/). Bigger packs would only make checkpoints rarer.
+MAX_AUTO_TOKENS = 1 << 18
+
+
+class NonFiniteEmbeddingError(RuntimeError):
+    """A pack produced NaN or Inf; nothing of it is written."""
+
+
+class TokenizationError(ValueError):
+    """A tokenizer rejected a record (the message names it)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    sequences_done: int  # rows of the shard done, resumed rows included
+    sequences_total: int
+    tokens_done: int  # tokens embedded by this run
+    seconds: float  # since this run started
+    resumed_from_rows: int
+
+    @property
+    def sequences_per_s(self) -> float:
+        return (self.sequences_done - self.resumed_from_rows) / max(self.seconds, 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_done / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class EmbedStats:
+    sequences: int  # rows of the shard
+    tokens: int  # tokens embedded by this run (fewer than the shard's when resumed)
+    seconds: float
+    tokens_per_s: float
+    sequences_per_s: float  # sequences embedded by this run, per second
+    truncated: int
+    device: str
+    dtype: str
+    attention_backend: str
+    max_tokens: int
+    resumed_from_rows: int  # rows taken from a checkpoint or an already complete shard
+
+    def summary(self) -> str:
+        if self.resumed_from_rows == self.sequences:
+            return f"all {self.sequences:,} sequences were already embedded: nothing to do"
+        text = (
+            f"embedded {self.sequences - self.resumed_from_rows:,} sequences ({self.tokens:,} tokens) in "
+            f"{self.seconds:.1f} s: {self.sequences_per_s:,.1f} sequences/s, {self.tokens_per_s:,.0f} tokens/s "
+            f"on {self.device} ({self.dtype}, {self.attention_backend}, packs of <= {self.max_tokens:,} tokens)"
+        )
+        if self.resumed_from_rows:
+            text += f"; resumed after {self.resumed_from_rows:,} checkpointed rows"
+        if self.truncated:
+            text += f"; {self.truncated:,} inputs truncated"
+        return text
+
+
+def load_model(kind: str, path: Path, config: EmbedConfig) -> LoadedModel:
+    if kind == "esm2":
+        from vnp_core.models.esm2 import load_esm2
+
+        return load_esm2(Path(path), config)
+    if kind == "dnabert_s":
+        from vnp_core.models.dnabert_s import load_dnabert_s
+
+        return load_dnabert_s(Path(path), config)
+    raise ValueError(f"unknown model kind {kind!r}: expected 'esm2' or 'dnabert_s'")
+
+
+def embed_fasta_to_hdf5(kind: str, input: Path, model_path: Path, out: Path, config: EmbedConfig, *,
+                        show_progress: bool = False) -> EmbedStats:
+    """`vnp embed`: every record of a FASTA file embedded by one model into an HDF5 shard."""
+    records = read_fasta(input, alphabet=_fasta_alphabet(kind)).records
+    model = load_model(kind, model_path, config)
+    ids, sequences = [r.id for r in records], [r.sequence for r in records]
+    try:
+        if not show_progress:
+            return embed_sequences(model, ids, sequences, out, config)
+        with _progress_bar(len(ids)) as report:
+            return embed_sequences(model, ids, sequences, out, config, progress=report)
+    except TokenizationError as error:
+        raise FastaError(input, str(error)) from error
+
+
+def _fasta_alphabet(kind: str) -> str:
+    if kind == "esm2":
+        from vnp_core.models.esm2 import RESIDUES
+
+        return RESIDUES
+    return NUCLEOTIDE_LETTERS
+
+
+@contextmanager
+def _progress_bar(total: int) -> Iterator[Callable[[Progress], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as RichProgress
+
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rates]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with RichProgress(*columns) as bar:
+        task = bar.add_task("embedding", total=total, rates="")
+
+        def report(progress: Progress) -> None:
+            rates = f"{progress.sequences_per_s:,.1f} seq/s {progress.tokens_per_s:,.0f} tok/s"
+            bar.update(task, completed=progress.sequences_done, rates=rates)
+
+        yield report
+
+
+# ----------------------------------------------------------------------------------------------
+# One shard
+
+
+def embed_sequences(model: LoadedModel, ids: Sequence[str], sequences: Sequence[str], out_path: Path,
+                    config: EmbedConfig, *, attrs: dict | None = None,
+                    progress: Callable[[Progress], None] | None = None) -> EmbedStats:
+    """Embed `sequences` into the HDF5 shard `out_path`: `ids` in input order, float32 vectors.
+
+    Resumes from the checkpoint a killed run of the same input left beside `out_path`, and returns
+    at once when `out_path` is already the complete shard of this input.
+    """
+    start = time.perf_counter()
+    out_path = Path(out_path)
+    _check_ids(ids, sequences, out_path)
+    tokenized = tokenize(model.tokenizer, ids, sequences, config.num_workers)
+    fingerprint = input_fingerprint(model, ids, tokenized)
+    if (done := _complete_shard(out_path, fingerprint)) is not None:
+        log.info("%s is already complete: skipped", out_path)
+        if progress is not None:
+            progress(Progress(len(ids), len(ids), 0, time.perf_counter() - start, len(ids)))
+        return EmbedStats(
+            sequences=len(ids), tokens=0, seconds=0.0, tokens_per_s=0.0, sequences_per_s=0.0,
+            truncated=done["truncated"], device=done["device"], dtype=done["dtype"],
+            attention_backend=done["attention_backend"], max_tokens=done["max_tokens"], resumed_from_rows=len(ids),
+        )
+
+    checkpoint = ShardCheckpoint.open(out_path, fingerprint, model.embed_dim)
+    try:
+        resumed = checkpoint.rows_done
+        if resumed:
+            log.info("%s: resuming after %d checkpointed rows", out_path, resumed)
+        # A resumed run reuses the killed run's budget: the same packs give bitwise the same vectors.
+        max_tokens = config.max_tokens or checkpoint.attrs.get("max_tokens") or auto_max_tokens(model)
+        shard_attrs = {**_shard_attrs(model, tokenized, max_tokens), **(attrs or {})}
+        checkpoint.update_attrs(shard_attrs)
+        packs = [[resumed + i for i in pack] for pack in plan_packs(tokenized.lengths[resumed:], max_tokens)]
+        rows, tokens = resumed, 0
+        with _CheckpointWriter(checkpoint, ids, config.checkpoint_rows) as writer:
+            for vectors, pack_tokens in _embed_packs(model, tokenized, packs, ids):
+                writer.add(vectors)
+                rows, tokens = rows + len(vectors), tokens + pack_tokens
+                if progress is not None:
+                    progress(Progress(rows, len(ids), tokens, time.perf_counter() - start, resumed))
+        checkpoint.finalize(out_path, ids, shard_attrs)
+    finally:
+        checkpoint.close()
+
+    seconds = time.perf_counter() - start
+    return EmbedStats(
+        sequences=len(ids), tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
+        sequences_per_s=(len(ids) - resumed) / seconds, truncated=tokenized.truncated, device=str(model.device),
+        dtype=_dtype_name(model.dtype), attention_backend=model.attention_backend, max_tokens=max_tokens,
+        resumed_from_rows=resumed,
+    )
+
+
+def _shard_attrs(model: LoadedModel, tokenized: Tokenized, max_tokens: int) -> dict:
+    """What a reader needs to know how the vectors were made (../shared/spec/outputs.md)."""
+    return {
+        "kind": model.kind, "model_name": model.name, "weights_sha256": model.weights_sha256,
+        "dtype": _dtype_name(model.dtype), "attention_backend": model.attention_backend, "pooling": model.pooling,
+        "vnp_version": __version__, "truncated": tokenized.truncated, "device": str(model.device),
+        "max_tokens": max_tokens,
+    }
+
+
+def _check_ids(ids: Sequence[str], sequences: Sequence[str], out_path: Path) -> None:
+    if len(ids) != len(sequences):
+        raise ValueError(f"{out_path}: {len(ids)} ids for {len(sequences)} sequences")
+    if duplicated := [record_id for record_id, count in Counter(ids).items() if count > 1]:
+        raise ValueError(f"{out_path}: {len(duplicated)} id(s) given more than once: {describe_ids(duplicated)}")
+
+
+def _complete_shard(out_path: Path, fingerprint: str) -> dict | None:
+    """The attributes of `out_path` when it is the finished shard of this very input and model."""
+    if not out_path.exists():
+        return None
+    attrs = read_attrs(out_path)
+    if attrs.get("fingerprint") == fingerprint:
+        return attrs
+    log.warning("%s holds embeddings of another input or model: recomputing it", out_path)
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def input_fingerprint(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized) -> str:
+    """What a shard's vectors depend on: token ids (so tokenizer settings count), ids, weights, dtype, back end."""
+    digest = hashlib.sha256()
+    for part in (model.weights_sha256, _dtype_name(model.dtype), model.attention_backend, __version__):
+        digest.update(f"{part}\0".encode())
+    digest.update("\0".join(ids).encode())
+    digest.update(tokenized.lengths.tobytes())
+    digest.update(tokenized.tokens.tobytes())
+    return digest.hexdigest()
+
+
+def auto_max_tokens(model: LoadedModel) -> int:
+    """A pack budget from the device's free memory; an overestimate is caught by the out-of-memory split."""
+    if model.device.type != "cuda":
+        return CPU_MAX_TOKENS
+    free_bytes, _ = torch.cuda.mem_get_info(model.device)
+    bytes_per_token = ACTIVATIONS_PER_TOKEN * model.embed_dim * model.dtype.itemsize
+    return int(min(MAX_AUTO_TOKENS, max(1, free_bytes * FREE_MEMORY_SHARE // bytes_per_token)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenising
+
+
+@dataclass
+class Tokenized:
+    tokens: np.ndarray  # (total,) int32: every sequence's token ids, concatenated in input order
+    lengths: np.ndarray  # (N,) int64
+    truncated: int  # inputs the tokenizer cut
+    offsets: np.ndarray = field(init=False)  # (N+1,) where each sequence starts in `tokens`
+
+    def __post_init__(self) -> None:
+        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
+
+    def batch(self, indices: Sequence[int]) -> PackedBatch:
+        return make_batch([self.tokens[self.offsets[i] : self.offsets[i + 1]] for i in indices], indices)
+
+
+def tokenize(tokenizer: SequenceTokenizer, ids: Sequence[str], sequences: Sequence[str], num_workers: int) -> Tokenized:
+    """Token ids of every sequence, in input order, from `num_workers` processes (0: this one)."""
+    try:
+        if num_workers == 0:
+            return _tokenize_slice(tokenizer, ids, sequences)
+        # A few contiguous slices per worker balance the load; map() hands them back in order.
+        bounds = np.linspace(0, len(ids), 4 * num_workers + 1).astype(int).tolist()
+        slices = list(zip(bounds[:-1], bounds[1:]))
+        # Spawned, not forked: a fork of a process that holds CUDA state or threads is unsafe.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+            parts = list(pool.map(partial(_tokenize_slice, tokenizer),
+                                  [ids[a:b] for a, b in slices], [sequences[a:b] for a, b in slices]))
+    except ValueError as error:
+        raise TokenizationError(str(error)) from error
+    return Tokenized(np.concatenate([p.tokens for p in parts]), np.concatenate([p.lengths for p in parts]),
+                     sum(p.truncated for p in parts))
+
+
+def _tokenize_slice(tokenizer: SequenceTokenizer, ids: Sequence[str], sequences: Sequence[str]) -> Tokenized:
+    encoded, truncated = [], 0
+    for record_id, sequence in zip(ids, sequences):
+        token_ids, was_truncated = tokenizer.encode(sequence, record_id)
+        encoded.append(token_ids)
+        truncated += was_truncated
+    lengths = np.array([len(t) for t in encoded], dtype=np.int64)
+    # int32 halves the host memory of a large shard; make_batch widens each pack for the embedding.
+    tokens = np.concatenate(encoded).astype(np.int32) if encoded else np.empty(0, dtype=np.int32)
+    return Tokenized(tokens, lengths, truncated)
+
+
+# ----------------------------------------------------------------------------------------------
+# The device loop
+
+
+@dataclass
+class _LaunchedPack:
+    seq_index: list[int]  # positions in the input of the pack's sequences
+    num_tokens: int
+    vectors: torch.Tensor  # (B, D) on the host; filled once `done` has fired
+    finite: torch.Tensor  # (B,) bool on the host, likewise
+    done: torch.cuda.Event | None  # None on a CPU, where the compute is synchronous
+
+
+def _embed_packs(model: LoadedModel, tokenized: Tokenized, packs: Sequence[Sequence[int]],
+                 ids: Sequence[str]) -> Iterator[tuple[np.ndarray, int]]:
+    """(vectors, tokens) of each pack, in order.
+
+    Pack k+1 is queued on the device before pack k is read back, so the device never waits for the
+    host to collect results or build the next batch.
+    """
+    pending: _LaunchedPack | None = None
+    for pack in packs:
+        launched = _launch(model, tokenized.batch(pack), ids)
+        if pending is not None:
+            yield _collect(pending, ids)
+        pending = launched
+    if pending is not None:
+        yield _collect(pending, ids)
+
+
+@torch.inference_mode()
+def _launch(model: LoadedModel, batch: PackedBatch, ids: Sequence[str]) -> _LaunchedPack:
+    on_cuda = model.device.type == "cuda"
+    if on_cuda:
+        batch = batch.pin_memory()  # a copy from pinned memory is asynchronous
+    vectors = _embed_splitting_on_oom(model, batch, ids)
+    # The finite flags travel with the vectors, so checking them costs no extra synchronisation.
+    finite = torch.isfinite(vectors).all(dim=1)
+    vectors, finite = vectors.to("cpu", non_blocking=True), finite.to("cpu", non_blocking=True)
+    done = None
+    if on_cuda:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(model.device))
+    return _LaunchedPack(batch.seq_index.tolist(), batch.num_tokens, vectors, finite, done)
+
+
+def _embed_splitting_on_oom(model: LoadedModel, batch: PackedBatch, ids: Sequence[str]) -> torch.Tensor:
+    """(B, D) vectors of a host pack; a pack that does not fit in device memory is embedded in halves."""
+    try:
+        return model.module.embed(batch.to(model.device, non_blocking=True))
+    except torch.OutOfMemoryError as error:
+        if batch.num_sequences == 1:
+            record_id = ids[int(batch.seq_index[0])]
+            raise torch.OutOfMemoryError(f"sequence {record_id!r} ({batch.num_tokens} tokens) does not fit in "
+                                         f"{model.device} memory on its own") from error
+    # Retried outside the except block: its traceback would keep the failed attempt's tensors alive.
+    log.info("out of memory on a pack of %d tokens: retrying it in two halves", batch.num_tokens)
+    torch.cuda.empty_cache()
+    first, second = split_batch(batch)
+    return torch.cat([_embed_splitting_on_oom(model, first, ids), _embed_splitting_on_oom(model, second, ids)])
+
+
+def _collect(pack: _LaunchedPack, ids: Sequence[str]) -> tuple[np.ndarray, int]:
+    """The pack's vectors once the device has produced them; NaN/Inf is an error, never written."""
+    if pack.done is not None:
+        pack.done.synchronize()
+    if not bool(pack.finite.all()):
+        bad = [ids[pack.seq_index[i]] for i in torch.nonzero(~pack.finite).flatten().tolist()]
+        raise NonFiniteEmbeddingError(f"NaN/Inf embeddings for {len(bad)} of the {len(pack.seq_index)} sequences "
+                                      f"of a pack: {describe_ids(bad)}")
+    return pack.vectors.numpy(), pack.num_tokens
+
+
+class _CheckpointWriter:
+    """Appends finished packs to the checkpoint on a thread, overlapping the writes with compute.
+
+    Writes are coarse, one per `every_rows` rows at a pack boundary, because h5py holds the GIL
+    while it writes. At most one write is in flight: waiting for it bounds host memory and raises
+    a write error (a full disk) at the next checkpoint rather than at the end.
+    """
+
+    def __init__(self, checkpoint: ShardCheckpoint, ids: Sequence[str], every_rows: int):
+        self._checkpoint = checkpoint
+        self._ids = ids
+        self._every_rows = every_rows
+        self._next_row = checkpoint.rows_done
+        self._buffer: list[np.ndarray] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vnp-checkpoint")
+        self._in_flight: Future | None = None
+
+    def add(self, vectors: np.ndarray) -> None:
+        """The next pack's rows, in input order."""
+        self._buffer.append(vectors)
+        if sum(len(v) for v in self._buffer) >= self._every_rows:
+            self._commit()
+
+    def _commit(self) -> None:
+        rows = np.concatenate(self._buffer)
+        ids = self._ids[self._next_row : self._next_row + len(rows)]
+        self._wait()
+        self._in_flight = self._thread.submit(self._write_durable, ids, rows)
+        self._next_row += len(rows)
+        self._buffer = []
+
+    def _write_durable(self, ids: Sequence[str], rows: np.ndarray) -> None:
+        self._checkpoint.append(ids, rows)
+        self._checkpoint.flush_durable()
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.result()
+
+    def __enter__(self) -> _CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._buffer:
+                self._commit()
+            self._wait()
+        finally:
+            self._thread.shutdown()

@@ -1,0 +1,358 @@
+"""Embedding files (HDF5): shards, the checkpoint a shard is built in, per-sample merge, `.pt` export.
+
+Layout (../shared/spec/outputs.md): a shard holds `ids` (UTF-8 strings) and `embeddings` (float32,
+N x D) in input order; a merged sample holds `ids`, `dnabert_s` and `esm2` in index order. Every file
+is written under a temporary name beside its final path and renamed, so a reader only ever sees a
+complete file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+ID_DTYPE = h5py.string_dtype("utf-8")
+# Attributes that describe one shard's run rather than the model run as a whole.
+PER_SHARD_ATTRS = ("fingerprint", "device", "max_tokens", "truncated")
+MERGED_MODELS = ("dnabert_s", "esm2")  # classifier feature order: DNABERT-S first
+
+
+class MergeError(ValueError):
+    """The shards of a sample do not hold each index id exactly once."""
+
+
+class IncompleteShardError(RuntimeError):
+    """A shard's rows do not match its input ids (count in != count out, or order)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic files
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed over `path` once the block succeeds.
+
+    On failure the temporary file is removed: `path` keeps its previous state, never half a file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        _publish(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None:
+            raise _naming(path, error) from error
+        raise
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it to `path`, then fsync the directory so that the rename survives a crash too."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _naming(path: Path, error: OSError) -> OSError:
+    """The same error (ENOSPC stays ENOSPC) with the file the user asked for in its message."""
+    return OSError(error.errno, f"could not write {path}: {error.strerror}")
+
+
+def _plain(value):
+    """HDF5 attributes come back as numpy scalars; callers want Python values."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _attrs(obj: h5py.File) -> dict:
+    return {key: _plain(value) for key, value in obj.attrs.items()}
+
+
+def describe_ids(ids: Sequence[str], limit: int = 5) -> str:
+    """The first few ids, quoted: enough to find the records without flooding the message."""
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return f"{shown}, ..." if len(ids) > limit else shown
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+
+
+@dataclass
+class EmbeddingFile:
+    ids: list[str]
+    embeddings: np.ndarray  # (N, D) float32, row i belongs to ids[i]
+    attrs: dict
+
+
+def write_embeddings(path: Path, ids: Sequence[str], embeddings: np.ndarray, attrs: dict) -> None:
+    if len(ids) != len(embeddings):
+        raise ValueError(f"{path}: {len(ids)} ids but {len(embeddings)} embedding rows")
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=ID_DTYPE)
+        f.create_dataset("embeddings", data=np.asarray(embeddings, dtype=np.float32))
+        f.attrs.update(attrs)
+
+
+def read_embeddings(path: Path) -> EmbeddingFile:
+    with h5py.File(path, "r") as f:
+        _require(f, path, ("ids", "embeddings"))
+        return EmbeddingFile(f["ids"].asstr()[:].tolist(), f["embeddings"][:], _attrs(f))
+
+
+def read_ids(path: Path) -> list[str]:
+    with h5py.File(path, "r") as f:
+        _require(f, path, ("ids",))
+        return f["ids"].asstr()[:].tolist()
+
+
+def read_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return _attrs(f)
+
+
+def _require(f: h5py.File, path: Path, datasets: Sequence[str]) -> None:
+    if missing := [name for name in datasets if name not in f]:
+        raise ValueError(f"{path}: not a vnp embeddings file (no dataset {', '.join(missing)})")
+
+
+def checkpoint_path(out_path: Path) -> Path:
+    """The checkpoint sits beside the shard, where a resumed run looks for it."""
+    return out_path.with_name(out_path.name + ".partial")
+
+
+class ShardCheckpoint:
+    """The file a shard is built in: rows appended in input order, renamed to the shard when complete.
+
+    Only the first `rows_done` rows are trusted. That attribute is written after their data and
+    then flushed and fsynced, so a run killed at any moment resumes from the last durable
+    checkpoint; HDF5 is not crash-safe in between, hence a file that cannot be read is started over.
+    """
+
+    def __init__(self, path: Path, file: h5py.File):
+        self.path = path
+        self._file = file
+
+    @classmethod
+    def open(cls, out_path: Path, fingerprint: str, embed_dim: int) -> ShardCheckpoint:
+        """Resume the checkpoint of `out_path` if it was made from the same input, else start a new one."""
+        path = checkpoint_path(Path(out_path))
+        if path.exists():
+            resumed = cls._resume(path, fingerprint, embed_dim)
+            if resumed is not None:
+                return resumed
+            path.unlink()
+        file = h5py.File(path, "w")
+        file.attrs.update({"fingerprint": fingerprint, "rows_done": 0})
+        file.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=ID_DTYPE, chunks=(1 << 14,))
+        # About 1 MiB per chunk: whole chunks are written at each checkpoint and read back whole.
+        rows_per_chunk = max(1, (1 << 20) // (4 * embed_dim))
+        file.create_dataset("embeddings", shape=(0, embed_dim), maxshape=(None, embed_dim), dtype=np.float32,
+                            chunks=(rows_per_chunk, embed_dim))
+        return cls(path, file)
+
+    @classmethod
+    def _resume(cls, path: Path, fingerprint: str, embed_dim: int) -> ShardCheckpoint | None:
+        try:
+            file = h5py.File(path, "r+")
+        except BlockingIOError as error:
+            raise BlockingIOError(error.errno, f"{path} is being written by another process") from error
+        except OSError as error:
+            log.warning("%s: unreadable checkpoint, starting over (%s)", path, error)
+            return None
+        embeddings = file.get("embeddings")
+        if file.attrs.get("fingerprint") != fingerprint or embeddings is None or embeddings.shape[1] != embed_dim:
+            log.warning("%s: checkpoint of another input, model or dtype, starting over", path)
+            file.close()
+            return None
+        rows = int(file.attrs["rows_done"])
+        # Rows written after the last durable checkpoint are not trusted.
+        file["ids"].resize((rows,))
+        embeddings.resize(rows, axis=0)
+        return cls(path, file)
+
+    @property
+    def rows_done(self) -> int:
+        return int(self._file.attrs["rows_done"])
+
+    @property
+    def attrs(self) -> dict:
+        return _attrs(self._file)
+
+    def update_attrs(self, attrs: dict) -> None:
+        self._file.attrs.update(attrs)
+
+    def append(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Write the next rows after every row written so far (not durable until `flush_durable`)."""
+        ids_ds, emb_ds = self._file["ids"], self._file["embeddings"]
+        start, stop = emb_ds.shape[0], emb_ds.shape[0] + len(ids)
+        ids_ds.resize((stop,))
+        emb_ds.resize(stop, axis=0)
+        ids_ds[start:stop] = np.asarray(ids, dtype=object)
+        emb_ds[start:stop] = vectors
+
+    def flush_durable(self) -> None:
+        """Make every appended row part of the checkpoint a resumed run starts from."""
+        # Rows first, marker second: a kill between the two leaves the old, still true, marker.
+        self._file.flush()
+        os.fsync(self._file.id.get_vfd_handle())
+        self._file.attrs["rows_done"] = self._file["embeddings"].shape[0]
+        self._file.flush()
+        os.fsync(self._file.id.get_vfd_handle())
+
+    def finalize(self, out_path: Path, expected_ids: Sequence[str], attrs: dict) -> None:
+        """Check the rows are exactly `expected_ids` in order, then rename the checkpoint to `out_path`."""
+        stored = self._file["ids"].asstr()[:].tolist()
+        if stored != list(expected_ids):
+            raise IncompleteShardError(f"{self.path}: {len(expected_ids)} ids in, {len(stored)} rows out; "
+                                       + _id_mismatch(expected_ids, stored))
+        self._file.attrs.update(attrs)
+        del self._file.attrs["rows_done"]
+        self.close()
+        try:
+            _publish(self.path, Path(out_path))
+        except OSError as error:
+            raise _naming(out_path, error) from error
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _id_problems(expected: Sequence[str], found: Sequence[str]) -> str:
+    """The ids `found` lacks, holds twice or should not hold ("" when each expected id is there once)."""
+    expected_df = pl.DataFrame({"id": expected}, schema={"id": pl.String})
+    found_df = pl.DataFrame({"id": found}, schema={"id": pl.String})
+    problems = {
+        "missing": expected_df.join(found_df, on="id", how="anti"),
+        "duplicated": found_df.filter(pl.col("id").is_duplicated()),
+        "extra": found_df.join(expected_df, on="id", how="anti"),
+    }
+    described = []
+    for label, rows in problems.items():
+        if ids := rows["id"].unique(maintain_order=True).to_list():
+            described.append(f"{len(ids)} {label}: {describe_ids(ids)}")
+    return "; ".join(described)
+
+
+def _id_mismatch(expected: Sequence[str], found: Sequence[str]) -> str:
+    if problems := _id_problems(expected, found):
+        return problems
+    row = next(i for i, (a, b) in enumerate(zip(expected, found)) if a != b)
+    return f"ids out of order from row {row} ({found[row]!r} where {expected[row]!r} belongs)"
+
+
+# ----------------------------------------------------------------------------------------------
+# A sample's merged embeddings
+
+
+@dataclass
+class MergeStats:
+    path: Path
+    sequences: int
+    dnabert_s_dim: int
+    esm2_dim: int
+    shards: dict[str, int]  # model -> number of shards merged
+
+
+@dataclass
+class MergedEmbeddings:
+    ids: list[str]
+    dnabert_s: np.ndarray  # (N, D1) float32
+    esm2: np.ndarray  # (N, D2) float32
+    attrs: dict
+
+    def features(self) -> np.ndarray:
+        """(N, D1 + D2) classifier input: DNABERT-S first, as VirNucPro concatenates them."""
+        return np.concatenate((self.dnabert_s, self.esm2), axis=1)
+
+
+def merge_sample(index_ids: Sequence[str], esm2_shards: Sequence[Path], dnabert_s_shards: Sequence[Path],
+                 out: Path, attrs: dict) -> MergeStats:
+    """One file per sample with both models' vectors in index order; every id exactly once in each."""
+    index = pl.DataFrame({"id": list(index_ids)}, schema={"id": pl.String}).with_row_index("position")
+    if duplicated := index.filter(pl.col("id").is_duplicated())["id"].unique(maintain_order=True).to_list():
+        raise MergeError(f"{out}: the index lists {len(duplicated)} id(s) more than once: {describe_ids(duplicated)}")
+    shards = {"dnabert_s": list(dnabert_s_shards), "esm2": list(esm2_shards)}
+    dims = {}
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as merged:
+        merged.create_dataset("ids", data=np.asarray(index_ids, dtype=object), dtype=ID_DTYPE)
+        for model in MERGED_MODELS:
+            matrix, model_attrs = _gather(model, index, shards[model], out)
+            merged.create_dataset(model, data=matrix)
+            merged.attrs.update({f"{model}.{key}": value for key, value in model_attrs.items()})
+            dims[model] = matrix.shape[1]
+        merged.attrs.update(attrs)
+    return MergeStats(Path(out), len(index), dims["dnabert_s"], dims["esm2"], {m: len(s) for m, s in shards.items()})
+
+
+def _gather(model: str, index: pl.DataFrame, shard_paths: Sequence[Path], out: Path) -> tuple[np.ndarray, dict]:
+    """(N, D) rows of one model's shards placed at their index positions, and the model's attributes."""
+    if not shard_paths:
+        raise MergeError(f"{out}: no {model} shards to merge")
+    schema = {"id": pl.String, "shard": pl.Int64}
+    rows = pl.concat([
+        pl.DataFrame({"id": read_ids(path), "shard": shard}, schema=schema).with_row_index("row")
+        for shard, path in enumerate(shard_paths)
+    ])
+    if problems := _id_problems(index["id"], rows["id"]):
+        raise MergeError(f"{out}: {model} shards do not hold every index id exactly once: {problems}")
+
+    placed = index.join(rows, on="id", how="inner")
+    matrix, shard_attrs = None, []
+    for shard, path in enumerate(shard_paths):
+        data = read_embeddings(path)
+        if matrix is None:
+            matrix = np.empty((len(index), data.embeddings.shape[1]), dtype=np.float32)
+        elif data.embeddings.shape[1] != matrix.shape[1]:
+            raise MergeError(f"{path}: {model} vectors of width {data.embeddings.shape[1]}, "
+                             f"other shards have {matrix.shape[1]}")
+        here = placed.filter(pl.col("shard") == shard)
+        matrix[here["position"].to_numpy()] = data.embeddings[here["row"].to_numpy()]
+        shard_attrs.append((path, data.attrs))
+    return matrix, _model_attrs(model, shard_attrs)
+
+
+def _model_attrs(model: str, shard_attrs: Sequence[tuple[Path, dict]]) -> dict:
+    """What holds for a model's whole matrix: run attributes agree across shards, truncations add up."""
+    merged = {"truncated": 0}
+    for path, attrs in shard_attrs:
+        merged["truncated"] += int(attrs.get("truncated", 0))
+        for key, value in attrs.items():
+            if key in PER_SHARD_ATTRS:
+                continue
+            # Rows from different weights, dtypes or back ends in one matrix would not be comparable.
+            if merged.setdefault(key, value) != value:
+                raise MergeError(f"{path}: {model} shard has {key}={value!r}, an earlier shard has {merged[key]!r}")
+    return merged
+
+
+def read_merged(path: Path) -> MergedEmbeddings:
+    with h5py.File(path, "r") as f:
+        _require(f, path, ("ids", *MERGED_MODELS))
+        return MergedEmbeddings(f["ids"].asstr()[:].tolist(), f["dnabert_s"][:], f["esm2"][:], _attrs(f))
+
+
+def export_merged_to_pt(merged: Path, out: Path) -> None:
+    """The original tool's `{"ids": [...], "data": FloatTensor[N, D1 + D2]}` file, for existing scripts."""
+    sample = read_merged(merged)
+    with atomic_path(out) as tmp:
+        torch.save({"ids": sample.ids, "data": torch.from_numpy(sample.features())}, tmp)
