@@ -22,5 +22,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The web UI on the same instance as `make demo`; FASTA files dropped in $(HOME_DIR)/inbox become samples.
 ui: install
+	mkdir -p $(HOME_DIR)/inbox
+	test -f $(HOME_DIR)/dagster.yaml || cp dagster.yaml $(HOME_DIR)/dagster.yaml
 	DAGSTER_HOME=$(abspath $(HOME_DIR)) $(VENV)/bin/dagster dev -w workspace.yaml
