@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vnp_core.store import atomic_path
+from vnp_core.atomic import atomic_path
 
 FRAME_PREDICTIONS_FILE = "prediction_results.txt"
 CHUNK_CALLS_FILE = "prediction_results_highestscore.csv"  # tab-separated, as the original writes it

@@ -139,7 +139,9 @@ def run(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU).")] = None,
 ) -> None:
     """Materialize one sample through the Dagster asset graph on a local persistent instance."""
-    from vnp_assets.run_sample import run_sample  # Dagster only here: the rest of vnp_core never imports it
+    from vnp_assets.run_sample import (
+        run_sample,  # Dagster only here: the rest of vnp_core never imports it
+    )
 
     try:
         report = run_sample(input, chunk_length=chunk_length, shards=shards, home=home, esm2_model=esm2_model,

@@ -7,12 +7,13 @@ first and dealt to the shards in turn, so every shard gets an almost equal share
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from vnp_core.atomic import atomic_path
 
 # ESM-2 embeds at most 1022 residues (its training crop) between <cls> and <eos>.
 ESM2_MAX_RESIDUES = 1022
@@ -70,12 +71,8 @@ def index_summary(index: pl.DataFrame) -> dict:
 def write_index(index: pl.DataFrame, path: Path) -> None:
     """Parquet, written under a temporary name and renamed: a reader never sees half an index."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         index.write_parquet(temporary)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def read_index(path: Path) -> pl.DataFrame:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import h5py
 import numpy as np
 import polars as pl
 import torch
+
+from vnp_core.atomic import atomic_path, publish, write_error
 
 log = logging.getLogger(__name__)
 
@@ -34,48 +35,6 @@ class MergeError(ValueError):
 
 class IncompleteShardError(RuntimeError):
     """A shard's rows do not match its input ids (count in != count out, or order)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic files
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`, renamed over `path` once the block succeeds.
-
-    On failure the temporary file is removed: `path` keeps its previous state, never half a file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        _publish(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno is not None:
-            raise _naming(path, error) from error
-        raise
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, rename it to `path`, then fsync the directory so that the rename survives a crash too."""
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _naming(path: Path, error: OSError) -> OSError:
-    """The same error (ENOSPC stays ENOSPC) with the file the user asked for in its message."""
-    return OSError(error.errno, f"could not write {path}: {error.strerror}")
 
 
 def _plain(value):
@@ -229,9 +188,9 @@ class ShardCheckpoint:
         del self._file.attrs["rows_done"]
         self.close()
         try:
-            _publish(self.path, Path(out_path))
+            publish(self.path, Path(out_path))
         except OSError as error:
-            raise _naming(out_path, error) from error
+            raise write_error(out_path, error) from error
 
     def close(self) -> None:
         self._file.close()

@@ -17,8 +17,8 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
+from vnp_core.atomic import atomic_path
 from vnp_core.config import ValidationConfig
-from vnp_core.store import atomic_path
 
 REPORT_FILE = "validation_report.json"
 PER_SEQUENCE_FILE = "validation_per_sequence.parquet"

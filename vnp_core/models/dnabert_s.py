@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, processors, trainers
 from torch import nn
 
+from vnp_core.atomic import atomic_path
 from vnp_core.attention import select_backend, varlen_attention
 from vnp_core.config import EmbedConfig
 from vnp_core.models import LoadedModel
@@ -294,9 +295,8 @@ def _random_weight(name: str, shape: tuple[int, ...], generator: torch.Generator
 
 
 def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    write(str(partial))
-    partial.replace(path)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def write_tiny_model(out_dir: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import pickle
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vnp_core.atomic import atomic_path
 from vnp_core.attention import select_backend, varlen_attention
 from vnp_core.config import EmbedConfig
 from vnp_core.models import LoadedModel
@@ -393,9 +393,8 @@ def write_tiny_checkpoint(path: Path, *, num_layers: int = 2, embed_dim: int = 6
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def reference_embed(checkpoint: Path, sequences: list[str], *, max_residues: int | None = 1022,
