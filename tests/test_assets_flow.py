@@ -1,0 +1,72 @@
+"""End to end on the CPU with the tiny models: a FASTA dropped in the inbox flows to predictions by
+the inbox sensor and declarative automation alone; `vnp run` carries a file through the same graph."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance, build_sensor_context, evaluate_automation_conditions, materialize
+from typer.testing import CliRunner
+
+from vnp_assets.assets import build_assets
+from vnp_assets.definitions import build_definitions
+from vnp_assets.resources import VnpSettings
+from vnp_assets.sensors import fasta_inbox_sensor
+from vnp_core.cli import app
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+FLU = REAL_DATA / "influenza_a_california_07_2009.fasta"
+
+
+@pytest.mark.slow
+def test_a_dropped_fasta_flows_through_sensor_and_automation_to_predictions(
+        vnp_settings: VnpSettings, instance: DagsterInstance) -> None:
+    settings = VnpSettings(**{**vnp_settings.model_dump(), "num_shards": 1})
+    defs = build_definitions(settings)
+    assets = build_assets(num_shards=1)
+    shutil.copyfile(FLU, Path(settings.inbox_dir) / "flu sample.fasta")
+
+    sensor = fasta_inbox_sensor(build_sensor_context(instance=instance, resources={"vnp": settings}))
+    for request in sensor.dynamic_partitions_requests:  # what the daemon does with the sensor's result
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    automation = evaluate_automation_conditions(defs, instance=instance)
+    requested = [(AssetKey("sequence_index"), request.partition_key) for request in sensor.run_requests]
+    assert requested == [(AssetKey("sequence_index"), "flu_sample")]
+
+    materialized = []
+    while requested:
+        for key, partition in requested:
+            materialize(assets, selection=[key], partition_key=partition, resources={"vnp": settings}, instance=instance)
+            materialized.append((key.to_user_string(), partition))
+        automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
+        requested = [(asset.key, partition) for asset in assets for key in [asset.key]
+                     for partition in sorted(automation.get_requested_partitions(key))]
+
+    assert [asset for asset, _ in materialized] == [
+        "sequence_index", "esm2_embeddings", "dnabert_s_embeddings", "merged_embeddings", "fp16_validation_report",
+        "virnucpro_predictions"]
+    predictions = settings.sample_layout("flu_sample").predictions_dir
+    assert (predictions / "prediction_results.txt").read_text().startswith("Sequence_ID\tPrediction\tscore1\tscore2\n")
+
+
+@pytest.mark.slow
+def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path) -> None:
+    fasta = tmp_path / "flu.fasta"
+    shutil.copyfile(FLU, fasta)
+    home = tmp_path / "home"
+
+    run = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "1"])
+
+    assert run.exit_code == 0, run.output
+    assert f"sample flu ({fasta}), 1 shard(s) per model" in run.output
+    assert "WARNING: esm2, dnabert_s, classifier: tiny random placeholder models" in run.output
+    sample = home / "storage" / "samples" / "flu"
+    assert f"predictions: {sample / 'predictions'}" in run.output
+    assert (sample / "predictions" / "prediction_results_highestscore.csv").read_text().startswith("Modified_ID\tIs_Virus\n")
+    assert (home / "dagster.yaml").read_text() == (Path(__file__).resolve().parents[1] / "dagster.yaml").read_text()
+    with DagsterInstance.from_config(str(home)) as instance:  # the runs are recorded for `dagster dev` to show
+        assert instance.get_dynamic_partitions("samples") == ["flu"]
+        assert instance.get_latest_materialization_event(AssetKey("virnucpro_predictions")) is not None
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1  # no GPU here: one slot

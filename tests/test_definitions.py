@@ -1,0 +1,71 @@
+"""The code location loads, holds every asset, check and sensor, and the instance template is valid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance
+from dagster._core.instance.config import PoolGranularity
+
+from vnp_assets.definitions import build_definitions, settings_from_environment
+from vnp_assets.resources import VnpSettings
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = {"sequence_index", "esm2_embeddings", "dnabert_s_embeddings", "merged_embeddings", "fp16_validation_report",
+          "virnucpro_predictions"}
+SHARD_CHECKS = {"embeddings_finite", "rows_match_index", "ids_unique"}
+
+
+def test_definitions_hold_every_asset_check_and_sensor() -> None:
+    from vnp_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ASSETS
+    assert {(check.asset_key.to_user_string(), check.name) for check in graph.asset_check_keys} == {
+        *((f"{model}_embeddings", check) for model in ("esm2", "dnabert_s") for check in SHARD_CHECKS),
+        ("fp16_validation_report", "cosine_thresholds"),
+    }
+    assert {sensor.name for sensor in defs.sensors} == {"fasta_inbox_sensor", "vnp_automation"}
+    gpu_steps = {key.to_user_string() for key in graph.get_all_asset_keys() if graph.get(key).pools == {"gpu"}}
+    assert gpu_steps == {"esm2_embeddings", "dnabert_s_embeddings", "fp16_validation_report"}
+    # Without GPUs and without a shard count, there is one shard per model.
+    assert defs.resources["vnp"].num_shards == 1
+
+
+def test_the_shard_count_fixes_the_shard_partitions(tmp_path: Path) -> None:
+    defs = build_definitions(VnpSettings(storage_root=str(tmp_path), inbox_dir=str(tmp_path), num_shards=3))
+    shards = defs.resolve_asset_graph().get(AssetKey("esm2_embeddings")).partitions_def.get_partitions_def_for_dimension("shard")
+    assert shards.get_partition_keys() == ["0", "1", "2"]
+
+
+def test_settings_come_from_dagster_home_and_an_optional_yaml(tmp_path: Path) -> None:
+    settings_file = tmp_path / "vnp.yaml"
+    settings_file.write_text("chunk_length: 300\ndevices: [2, 3]\nesm2_model: /models/esm2_t36_3B_UR50D.pt\n")
+
+    settings = settings_from_environment({"DAGSTER_HOME": str(tmp_path), "VNP_SETTINGS": str(settings_file)})
+
+    assert settings.storage_root == str(tmp_path / "storage")
+    assert settings.inbox_dir == str(tmp_path / "inbox")
+    assert (settings.chunk_length, settings.devices, settings.esm2_model) == (300, [2, 3], "/models/esm2_t36_3B_UR50D.pt")
+
+
+def test_instance_template_queues_runs_and_pools_gpu_steps(tmp_path: Path) -> None:
+    shutil.copyfile(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert instance.get_concurrency_config().pool_config.pool_granularity == PoolGranularity.OP
+        assert not instance.telemetry_enabled
+
+
+@pytest.mark.slow
+def test_dg_check_defs_passes(tmp_path: Path) -> None:
+    shutil.copyfile(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    check = subprocess.run([Path(sys.executable).parent / "dg", "check", "defs"], cwd=REPO, capture_output=True,
+                           text=True, env={**os.environ, "DAGSTER_HOME": str(tmp_path)}, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "All definitions loaded successfully" in check.stdout + check.stderr

@@ -1,0 +1,77 @@
+"""`fp16_validation_report`: a sample's production embeddings against the fp32 reference of each model."""
+
+import base64
+
+import numpy as np
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from vnp_assets.assets.merged_embeddings import merged_embeddings
+from vnp_assets.checks import EAGER_AFTER_CHECKS
+from vnp_assets.partitions import samples_partitions
+from vnp_assets.resources import VnpSettings
+from vnp_core.config import ModelPaths
+
+MODELS = ("esm2", "dnabert_s")
+
+
+def reference_embeddings(models: ModelPaths, proteins: list[str], nucleotides: list[str], torch_device: str,
+                         max_residues: int) -> dict:
+    """Runs in the device process: each model's unpacked fp32 reference path."""
+    from vnp_core.models import dnabert_s, esm2
+
+    return {
+        "esm2": esm2.reference_embed(models.esm2, proteins, max_residues=max_residues, device=torch_device),
+        "dnabert_s": dnabert_s.reference_embed(models.dnabert_s, nucleotides, device=torch_device),
+    }
+
+
+@asset(
+    partitions_def=samples_partitions,
+    deps=[merged_embeddings],
+    pool="gpu",  # the fp32 reference of a real ESM-2 needs a GPU as much as production does
+    check_specs=[AssetCheckSpec("cosine_thresholds", asset="fp16_validation_report", blocking=True,
+                                description="Every model's embeddings agree with its fp32 reference within the thresholds.")],
+    automation_condition=EAGER_AFTER_CHECKS,
+    kinds={"json", "parquet"},
+)
+def fp16_validation_report(context: AssetExecutionContext, vnp: VnpSettings) -> MaterializeResult:
+    """A length-stratified subset recomputed in fp32, unpacked; cosine similarity per sequence, histogram, pass/fail."""
+    from vnp_core.gpu import run_in_device_process
+    from vnp_core.index import read_index
+    from vnp_core.store import read_merged
+    from vnp_core.validate import build_report, compare_embeddings, report_markdown, select_validation_subset, write_report
+
+    sample = context.partition_key
+    layout = vnp.sample_layout(sample)
+    merged = read_merged(layout.merged)
+    index = read_index(layout.index)
+    config = vnp.vnp_config()
+    subset = index[select_validation_subset(index["protein_length"].to_numpy(), config.validation.sample_size,
+                                            config.validation.seed)]
+    row_of = {frame_id: row for row, frame_id in enumerate(merged.ids)}
+    rows = np.array([row_of[frame_id] for frame_id in subset["frame_id"]], dtype=np.int64)
+    with vnp.gpu_lease() as device:
+        reference = run_in_device_process(
+            reference_embeddings, config.models, subset["protein"].to_list(), subset["nucleotide"].to_list(),
+            "cpu" if device is None else "cuda", config.esm2.max_protein_length, device=device)
+    production = {"esm2": merged.esm2[rows], "dnabert_s": merged.dnabert_s[rows]}
+    per_model = {model: compare_embeddings(subset["frame_id"].to_list(), production[model], reference[model])
+                 for model in MODELS}
+    run_context = {"sample": sample, "reference_device": "cpu" if device is None else f"GPU {device}",
+                   **{key: merged.attrs[key] for model in MODELS for key in (f"{model}.dtype", f"{model}.attention_backend")}}
+    report = build_report(per_model, config.validation, run_context)
+    paths = write_report(report, per_model, layout.report_dir)
+    histogram = base64.b64encode(paths["histogram"].read_bytes()).decode()
+    cosines = {f"{model}_{statistic}": MetadataValue.float(value)
+               for model, summary in report["models"].items()
+               for statistic, value in summary.items() if statistic.startswith("cosine_") and value is not None}
+    return MaterializeResult(
+        metadata={
+            "summary": MetadataValue.md(report_markdown(report)),
+            "histogram": MetadataValue.md(f"![cosine histogram](data:image/png;base64,{histogram})"),
+            **cosines,
+            "compared": len(subset),
+            **{f"{name}_file": MetadataValue.path(path) for name, path in paths.items()},
+        },
+        check_results=[AssetCheckResult(check_name="cosine_thresholds", passed=report["passed"], metadata=cosines)],
+    )

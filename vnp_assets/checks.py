@@ -1,0 +1,41 @@
+"""Blocking checks of an embedding shard, run by the step that wrote it, and the automation that respects them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from dagster import AssetCheckResult, AssetCheckSpec, AssetKey, AutomationCondition
+
+# Downstream assets run when their inputs change, but never on top of a failed blocking check
+# (a failed check in an earlier run leaves the materialization recorded; eager() alone would go on).
+EAGER_AFTER_CHECKS = (AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
+                      ).with_label("eager after upstream checks pass")
+
+
+def shard_check_specs(asset_key: AssetKey) -> list[AssetCheckSpec]:
+    return [
+        AssetCheckSpec("embeddings_finite", asset=asset_key, blocking=True, description="No NaN or Inf in any vector."),
+        AssetCheckSpec("rows_match_index", asset=asset_key, blocking=True,
+                       description="One row per kept frame of this shard in the sequence index."),
+        AssetCheckSpec("ids_unique", asset=asset_key, blocking=True, description="No id appears twice."),
+    ]
+
+
+def shard_check_results(path: Path, expected_rows: int) -> list[AssetCheckResult]:
+    """Reads the written shard back: what is checked is the file downstream steps will read."""
+    from vnp_core.store import describe_ids, read_embeddings
+
+    shard = read_embeddings(path)
+    nonfinite = [shard.ids[row] for row in np.flatnonzero(~np.isfinite(shard.embeddings).all(axis=1))]
+    duplicated = [record_id for record_id, count in Counter(shard.ids).items() if count > 1]
+    return [
+        AssetCheckResult(check_name="embeddings_finite", passed=not nonfinite,
+                         metadata={"nonfinite_rows": len(nonfinite), "examples": describe_ids(nonfinite)}),
+        AssetCheckResult(check_name="rows_match_index", passed=len(shard.ids) == expected_rows,
+                         metadata={"rows": len(shard.ids), "index_rows": expected_rows}),
+        AssetCheckResult(check_name="ids_unique", passed=not duplicated,
+                         metadata={"duplicated_ids": len(duplicated), "examples": describe_ids(duplicated)}),
+    ]
+

@@ -1,0 +1,111 @@
+"""`vnp run`: one sample through the asset graph on a local, persistent Dagster instance.
+
+No daemon and no web server: the steps are materialized here, in graph order, and recorded in the
+instance at `home` (SQLite), so `DAGSTER_HOME=<home> dagster dev` shows their runs, metadata and
+checks afterwards. The embedding steps (every shard of both models) run side by side, one process
+each, as many at once as there are usable GPUs (one on a CPU-only host); each step still takes its
+own GPU lease. Processes rather than threads: Dagster's in-process execution is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from dagster import DagsterInstance, materialize
+
+from vnp_assets.assets import build_assets
+from vnp_assets.partitions import sample_shard_key
+from vnp_assets.resources import VnpSettings
+from vnp_assets.samples import register_sample, sample_name
+
+INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
+MODELS = ("esm2", "dnabert_s")
+
+
+def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = None, home: Path = Path("vnp_home"),
+               esm2_model: Path | None = None, dnabert_s_model: Path | None = None, classifier: Path | None = None,
+               trust_classifier_pickle: bool = False, dtype: str | None = None) -> str:
+    """Materializes `input` as one sample up to its predictions; returns the stage times and where the outputs are."""
+    from vnp_core.tiny_models import TINY_MODELS_NOTICE
+
+    input, home = Path(input), Path(home).resolve()
+    name = sample_name(input.name)
+    if name is None:
+        raise ValueError(f"{input}: a FASTA file's name must end in .fa, .fasta or .fna (optionally .gz)")
+    if not input.is_file():
+        raise FileNotFoundError(f"{input}: no such file")
+    instance = local_instance(home)
+    settings = VnpSettings(
+        storage_root=str(home / "storage"), inbox_dir=str(home / "inbox"), chunk_length=chunk_length, num_shards=shards,
+        esm2_model=_optional_str(esm2_model), dnabert_s_model=_optional_str(dnabert_s_model),
+        classifier=_optional_str(classifier), trust_classifier_pickle=trust_classifier_pickle, dtype=dtype,
+    ).with_fixed_shard_count()
+    if "gpu" not in instance.event_log_storage.get_concurrency_keys():
+        # Sized once: the same home serves `dagster dev`, whose runs queue their GPU steps on this pool.
+        instance.event_log_storage.set_concurrency_slots("gpu", max(1, len(settings.usable_devices())))
+    sample, _ = register_sample(input, name, settings, set(instance.get_dynamic_partitions("samples")))
+    instance.add_dynamic_partitions("samples", [sample])
+
+    lines = [f"sample {sample} ({input}), {settings.num_shards} shard(s) per model"]
+    if tiny := settings.tiny_models_used():
+        lines.append(f"WARNING: {', '.join(tiny)}: {TINY_MODELS_NOTICE}")
+    assets = build_assets(settings.num_shards)
+
+    def stage(label: str, work: Callable[..., object], *args) -> None:
+        start = time.perf_counter()
+        work(*args)
+        lines.append(f"{label}: {time.perf_counter() - start:.1f} s")
+
+    def materialize_sample(asset: str) -> None:
+        materialize(assets, selection=[asset], partition_key=sample, resources={"vnp": settings}, instance=instance)
+
+    stage("sequence_index", materialize_sample, "sequence_index")
+    stage(f"embeddings ({len(MODELS) * settings.num_shards} steps)", embed_all_shards, home, settings, sample)
+    for asset in ("merged_embeddings", "fp16_validation_report", "virnucpro_predictions"):
+        stage(asset, materialize_sample, asset)
+
+    layout = settings.sample_layout(sample)
+    outputs = {"prep files": layout.prep_dir, "index": layout.index, "merged embeddings": layout.merged,
+               "validation report": layout.report_dir, "predictions": layout.predictions_dir}
+    lines += [f"{label}: {path}" for label, path in outputs.items()]
+    return "\n".join(lines)
+
+
+def local_instance(home: Path) -> DagsterInstance:
+    """The persistent instance in `home`, configured from the project's dagster.yaml on first use."""
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copyfile(INSTANCE_TEMPLATE, home / "dagster.yaml")
+    return DagsterInstance.from_config(str(home))
+
+
+def embed_all_shards(home: Path, settings: VnpSettings, sample: str) -> None:
+    steps = [(kind, shard) for kind in MODELS for shard in range(settings.num_shards)]
+    workers = max(1, len(settings.usable_devices()))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outcomes = [pool.submit(materialize_shard, str(home), settings.model_dump(), sample, kind, shard)
+                    for kind, shard in steps]
+        failures = [outcome.result() for outcome in outcomes if outcome.result() is not None]
+    if failures:
+        raise RuntimeError("embedding steps failed (rerun `vnp run`: finished shards are kept):\n" + "\n".join(failures))
+
+
+def materialize_shard(home: str, settings: dict, sample: str, kind: str, shard: int) -> str | None:
+    """In a worker process: one embedding step, recorded in the instance at `home`. Its error text if it failed."""
+    vnp = VnpSettings(**settings)
+    result = materialize(build_assets(vnp.num_shards), selection=[f"{kind}_embeddings"],
+                         partition_key=sample_shard_key(sample, shard), resources={"vnp": vnp},
+                         instance=DagsterInstance.from_config(home), raise_on_error=False)
+    if result.success:
+        return None
+    errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
+    return f"{kind} shard {shard} of {sample}: " + "\n".join(errors)
+
+
+def _optional_str(path: Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
