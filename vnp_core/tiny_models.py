@@ -6,39 +6,62 @@ directory, VirNucPro classifier files). Their outputs are placeholders with no b
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 TINY_MODELS_NOTICE = "tiny random placeholder models: the embeddings and calls have no biological meaning"
+_COMPLETE = ".complete"
 
 
 def write_tiny_models(out_dir: Path) -> dict[str, Path]:
-    """Write (or reuse, when already complete) the tiny ESM-2, DNABERT-S and classifiers under `out_dir`."""
+    """The tiny ESM-2, DNABERT-S and classifiers under `out_dir`, written once and reused after.
+
+    Several processes may ask at once (parallel shard steps): each writes a private staging folder
+    and renames it into place, so no process ever reads a half-written model.
+    """
+    out_dir = Path(out_dir)
+    if not (out_dir / _COMPLETE).exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            _write(staging)
+            (staging / _COMPLETE).touch()
+            os.rename(staging, out_dir)
+        except OSError:
+            if not (out_dir / _COMPLETE).exists():
+                raise OSError(f"{out_dir} exists and is not a complete tiny-model folder: remove it or choose another")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # left only when another process got there first
+    return _paths(out_dir)
+
+
+def _paths(out_dir: Path) -> dict[str, Path]:
+    paths = {"esm2": out_dir / "esm2_tiny.pt", "dnabert_s": out_dir / "dnabert_s_tiny"}
+    for chunk_length in (300, 500):
+        paths[f"classifier_{chunk_length}"] = out_dir / f"classifier_{chunk_length}" / f"{chunk_length}_model.state_dict.pt"
+        paths[f"classifier_{chunk_length}_pickled"] = out_dir / f"classifier_{chunk_length}" / f"{chunk_length}_model.pth"
+    return paths
+
+
+def _write(out_dir: Path) -> None:
     from vnp_core.classify import write_tiny_classifier
     from vnp_core.models.dnabert_s import write_tiny_model
     from vnp_core.models.esm2 import write_tiny_checkpoint
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    esm2_path = out_dir / "esm2_tiny.pt"
-    paths["esm2"] = esm2_path if esm2_path.exists() else write_tiny_checkpoint(esm2_path)
-    dnabert_dir = out_dir / "dnabert_s_tiny"
-    paths["dnabert_s"] = dnabert_dir if (dnabert_dir / "config.json").exists() else write_tiny_model(dnabert_dir)
+    paths = _paths(out_dir)
+    write_tiny_checkpoint(paths["esm2"])
+    write_tiny_model(paths["dnabert_s"])
     in_features = tiny_feature_width(paths["esm2"], paths["dnabert_s"])
     for chunk_length in (300, 500):
-        written = write_tiny_classifier(out_dir / f"classifier_{chunk_length}", in_features=in_features,
-                                        chunk_length=chunk_length)
-        paths[f"classifier_{chunk_length}"] = written["state_dict"]
-        paths[f"classifier_{chunk_length}_pickled"] = written["pickled_module"]
-    return paths
+        write_tiny_classifier(out_dir / f"classifier_{chunk_length}", in_features=in_features, chunk_length=chunk_length)
 
 
 def tiny_feature_width(esm2_checkpoint: Path, dnabert_s_dir: Path) -> int:
     """DNABERT-S width + ESM-2 width: the classifier's input (3328 for the real models)."""
-    import json
+    from vnp_core.models.dnabert_s import DnabertSConfig
+    from vnp_core.models.esm2 import read_esm2_weights
 
-    import torch
-
-    dnabert_width = json.loads((Path(dnabert_s_dir) / "config.json").read_text())["hidden_size"]
-    esm2_width = torch.load(esm2_checkpoint, map_location="cpu", weights_only=False)["model"]["embed_tokens.weight"].shape[1]
-    return int(dnabert_width + esm2_width)
+    esm2_config, _ = read_esm2_weights(Path(esm2_checkpoint))
+    return DnabertSConfig.from_json(Path(dnabert_s_dir) / "config.json").hidden_size + esm2_config.embed_dim
