@@ -25,6 +25,8 @@ from vnp_assets.samples import register_sample, sample_name
 
 INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 MODELS = ("esm2", "dnabert_s")
+# Step progress and warnings on the terminal; Dagster's DEBUG events stay in the instance's event log.
+CONSOLE_AT_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = None, home: Path = Path("vnp_home"),
@@ -62,7 +64,8 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         lines.append(f"{label}: {time.perf_counter() - start:.1f} s")
 
     def materialize_sample(asset: str) -> None:
-        materialize(assets, selection=[asset], partition_key=sample, resources={"vnp": settings}, instance=instance)
+        materialize(assets, selection=[asset], partition_key=sample, resources={"vnp": settings}, instance=instance,
+                    run_config=CONSOLE_AT_INFO)
 
     stage("sequence_index", materialize_sample, "sequence_index")
     stage(f"embeddings ({len(MODELS) * settings.num_shards} steps)", embed_all_shards, home, settings, sample)
@@ -100,7 +103,7 @@ def materialize_shard(home: str, settings: dict, sample: str, kind: str, shard: 
     vnp = VnpSettings(**settings)
     result = materialize(build_assets(vnp.num_shards), selection=[f"{kind}_embeddings"],
                          partition_key=sample_shard_key(sample, shard), resources={"vnp": vnp},
-                         instance=DagsterInstance.from_config(home), raise_on_error=False)
+                         instance=DagsterInstance.from_config(home), run_config=CONSOLE_AT_INFO, raise_on_error=False)
     if result.success:
         return None
     errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
