@@ -81,6 +81,9 @@ def test_passing_report_then_predictions_in_the_original_files(
     assert "no biological meaning" in metadata["placeholder_models"]
     frame_lines = Path(metadata["frame_predictions"]).read_text().splitlines()
     assert frame_lines[0] == "Sequence_ID\tPrediction\tscore1\tscore2" and len(frame_lines) == index_rows + 1
+    protein_fasta = vnp_settings.sample_layout("flu").prep_dir / "flu_identified_protein.faa"
+    protein_ids = [line[1:] for line in protein_fasta.read_text().splitlines() if line.startswith(">")]
+    assert [line.split("\t")[0] for line in frame_lines[1:]] == protein_ids  # prep's order, as the original wrote it
     assert Path(metadata["chunk_calls"]).read_text().startswith("Modified_ID\tIs_Virus\n")
 
 

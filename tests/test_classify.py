@@ -17,6 +17,11 @@ from vnp_core.classify import (
     write_prediction_files,
     write_tiny_classifier,
 )
+from vnp_core.config import PrepConfig
+from vnp_core.index import build_index
+from vnp_core.prep import prepare_fasta
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 IN_FEATURES = 24
 
@@ -175,10 +180,11 @@ def test_prediction_files_are_the_original_text(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())  # no temp files left
 
 
-def test_parquet_tables_carry_record_ids_and_coordinates(tmp_path):
-    frames = hand_made_frames()
+def test_with_the_index_frames_come_in_prep_order_with_record_ids_and_coordinates(tmp_path):
+    frames = hand_made_frames()  # in prep order
     index = pl.DataFrame({
         "frame_id": ["r1_chunk_2F1", "r1_chunk_2R3", "r1_chunk_10F2", "r2_chunk_1F1", "r2_chunk_1F3", "r3_chunk_1R1"],
+        "prep_order": range(6),
         "record_id": ["r1", "r1", "r1", "r2", "r2", "r3"],
         "chunk_index": [2, 2, 10, 1, 1, 1],
         "chunk_start": [300, 300, 2700, 0, 0, 0],
@@ -187,8 +193,10 @@ def test_parquet_tables_carry_record_ids_and_coordinates(tmp_path):
         "protein_length": [99, 99, 98, 99, 99, 40],
     }).reverse()  # the join must not depend on row order
 
-    paths = write_prediction_files(frames, chunk_calls(frames), tmp_path, index)
+    paths = write_prediction_files(frames.reverse(), chunk_calls(frames), tmp_path, index)
 
+    written = [line.split("\t")[0] for line in paths["frame_predictions"].read_text().splitlines()[1:]]
+    assert written == frames["frame_id"].to_list()
     frame_table = pl.read_parquet(paths["frame_table"])
     assert frame_table.columns == ["frame_id", "prediction", "score1", "score2", "record_id", "chunk_index",
                                    "chunk_start", "chunk_end", "frame"]
@@ -206,3 +214,20 @@ def test_parquet_tables_carry_record_ids_and_coordinates(tmp_path):
     with pytest.raises(ValueError, match=r"not in the sequence index.*r3_chunk_1R1"):
         write_prediction_files(frames, chunk_calls(frames), tmp_path / "partial", index.filter(pl.col("record_id") != "r3"))
     assert not (tmp_path / "partial").exists()
+
+
+def test_predictions_of_a_real_genome_come_out_in_the_order_of_its_protein_fasta(tmp_path):
+    prep = prepare_fasta(REAL_DATA / "influenza_a_california_07_2009.fasta", tmp_path / "prep",
+                         PrepConfig(chunk_length=500))
+    index = build_index(prep.frames, num_shards=2)
+    classifier = load_classifier(write_tiny_classifier(tmp_path, in_features=IN_FEATURES, chunk_length=500)["state_dict"])
+    # Scored in index order (longest first), as the merged embeddings hold them.
+    frames = predict(classifier, index["frame_id"].to_list(), features(index.height), chunk_length=500)
+
+    paths = write_prediction_files(frames, chunk_calls(frames), tmp_path / "predictions", index)
+
+    protein_ids = [line[1:] for line in prep.protein_fasta.read_text().splitlines() if line.startswith(">")]
+    assert index["frame_id"].to_list() != protein_ids
+    written = [line.split("\t")[0] for line in paths["frame_predictions"].read_text().splitlines()[1:]]
+    assert written == protein_ids
+    assert pl.read_parquet(paths["frame_table"])["frame_id"].to_list() == protein_ids

@@ -221,9 +221,11 @@ def write_prediction_files(frames: pl.DataFrame, chunks: pl.DataFrame, out_dir: 
                            index: pl.DataFrame | None = None) -> dict[str, Path]:
     """The original's two text files, and Parquet tables per frame and per chunk.
 
-    Frames are written in the order given (the index order; the original's followed its file
-    listing, which is unspecified). With the sequence index, the tables carry each frame's record
-    id, chunk index, chunk coordinates and frame name, so calls join back to the input.
+    Frames are written in the order given or, with the sequence index, in prep order: that of
+    `<stem>_identified_protein.faa`, as the original wrote them (up to 10,000 frames; beyond, it
+    scored pieces of 10,000 in directory-listing order). Chunks keep the order of `chunks`. With the
+    index, the tables also carry each frame's record id, chunk index, chunk coordinates and frame
+    name, so calls join back to the input.
     """
     if index is not None:
         frames, chunks = _with_coordinates(frames, chunks, index)
@@ -255,7 +257,8 @@ def write_prediction_files(frames: pl.DataFrame, chunks: pl.DataFrame, out_dir: 
 
 
 def _with_coordinates(frames: pl.DataFrame, chunks: pl.DataFrame, index: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    frame_coordinates = index.select("frame_id", "record_id", "chunk_index", "chunk_start", "chunk_end", "frame")
+    frame_coordinates = index.select("frame_id", "prep_order", "record_id", "chunk_index", "chunk_start", "chunk_end",
+                                     "frame")
     missing = frames.join(frame_coordinates, on="frame_id", how="anti")["frame_id"]
     if len(missing):
         raise ValueError(f"{len(missing)} predicted frames are not in the sequence index, e.g. {missing.head(5).to_list()}")
@@ -264,7 +267,7 @@ def _with_coordinates(frames: pl.DataFrame, chunks: pl.DataFrame, index: pl.Data
                                  "chunk_start", "chunk_end")
         .unique("chunk_id", keep="first", maintain_order=True)
     )
-    return (frames.join(frame_coordinates, on="frame_id", how="left", maintain_order="left"),
+    return (frames.join(frame_coordinates, on="frame_id", how="left").sort("prep_order").drop("prep_order"),
             chunks.join(chunk_coordinates, on="chunk_id", how="left", maintain_order="left"))
 
 

@@ -1,8 +1,9 @@
 """The sequence index: one row per kept frame, the unit of work of every embedding shard.
 
-A row holds the frame's ids and chunk coordinates, its sequences (so a shard reads its rows and
-needs nothing else), its length in tokens for each model, and its shard. Rows are sorted longest
-first and dealt to the shards in turn, so every shard gets an almost equal share of the tokens.
+A row holds the frame's ids and chunk coordinates, its place in prep's output, its sequences (so a
+shard reads its rows and needs nothing else), its length in tokens for each model, and its shard.
+Rows are sorted longest first and dealt to the shards in turn, so every shard gets an almost equal
+share of the tokens; `prep_order` restores the original tool's order where a user sees it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ DNABERT_S_BP_PER_TOKEN_ESTIMATE = 4.5
 _LENGTH_BIN = 25  # residues, in the summary's length table (a 500-bp chunk gives at most 166)
 
 COLUMNS = [
-    "frame_id", "record_id", "chunk_index", "chunk_start", "chunk_end", "frame",
+    "frame_id", "prep_order", "record_id", "chunk_index", "chunk_start", "chunk_end", "frame",
     "nucleotide_length", "protein_length", "esm2_tokens", "dnabert_s_tokens", "shard", "nucleotide", "protein",
 ]
 
@@ -32,12 +33,15 @@ def build_index(frames: pl.DataFrame, *, num_shards: int,
                 dnabert_token_counter: Callable[[list[str]], np.ndarray] | None = None) -> pl.DataFrame:
     """Index the kept frames of `vnp_core.prep` (its `frames` table) over `num_shards` shards.
 
-    `dnabert_token_counter` maps nucleotide sequences to their DNABERT-S token counts ([CLS] and
-    [SEP] included); without it `dnabert_s_tokens` is an estimate, ceil(length / 4.5) + 2.
+    `frames` are in prep's output order (chunk order, then F1..F3, R1..R3), which `prep_order`
+    keeps as each row's 0-based number. `dnabert_token_counter` maps nucleotide sequences to their
+    DNABERT-S token counts ([CLS] and [SEP] included); without it `dnabert_s_tokens` is an
+    estimate, ceil(length / 4.5) + 2.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     index = frames.with_columns(
+        prep_order=pl.int_range(pl.len(), dtype=pl.Int64),
         nucleotide_length=pl.col("nucleotide").str.len_bytes().cast(pl.Int32),
         protein_length=pl.col("protein").str.len_bytes().cast(pl.Int32),
     )
