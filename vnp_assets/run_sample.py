@@ -93,7 +93,7 @@ def embed_all_shards(home: Path, settings: VnpSettings, sample: str) -> None:
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         outcomes = [pool.submit(materialize_shard, str(home), settings.model_dump(), sample, kind, shard)
                     for kind, shard in steps]
-        failures = [outcome.result() for outcome in outcomes if outcome.result() is not None]
+        failures = [failure for outcome in outcomes if (failure := outcome.result()) is not None]
     if failures:
         raise RuntimeError("embedding steps failed (rerun `vnp run`: finished shards are kept):\n" + "\n".join(failures))
 

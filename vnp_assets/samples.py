@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from vnp_assets.resources import VnpSettings
+from vnp_core.atomic import atomic_path
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna")
 
@@ -48,8 +49,8 @@ def register_sample(source: Path, name: str, vnp: VnpSettings, registered: set[s
                 layout.input_copy(gzipped).unlink(missing_ok=True)
             staged.replace(layout.input_copy(gzipped=source.name.endswith(".gz")))
             # The checksum is written last: its presence says the copy is complete.
-            layout.input_sha256.with_suffix(".tmp").write_text(sha256)
-            layout.input_sha256.with_suffix(".tmp").replace(layout.input_sha256)
+            with atomic_path(layout.input_sha256) as tmp:
+                tmp.write_text(sha256)
             return sample, True
     staged.unlink()
     raise ValueError(f"{source}: samples {name!r} and {name}-{sha256[:8]!r} both exist with other content")

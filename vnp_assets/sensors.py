@@ -69,7 +69,13 @@ def fasta_inbox_sensor(context: SensorEvaluationContext, vnp: VnpSettings) -> Se
             break
         source = inbox / arrival.name
         copied_bytes += source.stat().st_size
-        sample, is_new = register_sample(source, sample_name(arrival.name), vnp, registered)
+        try:
+            sample, is_new = register_sample(source, sample_name(arrival.name), vnp, registered)
+        except ValueError as error:
+            # Raising would keep the cursor here and fail every later tick on this one file.
+            context.log.error(f"{arrival.name}: not registered: {error}")
+            cursor = arrival
+            continue
         if is_new:
             context.log.info(f"{arrival.name}: new sample {sample}")
             registered.add(sample)

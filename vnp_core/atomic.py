@@ -18,7 +18,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     On failure the temporary file is removed: `path` keeps its previous state, never half a file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         yield tmp
         publish(tmp, path)
@@ -27,6 +27,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if isinstance(error, OSError) and error.errno is not None:
             raise write_error(path, error) from error
         raise
+
+
+def temporary_path(path: Path) -> Path:
+    """Hidden, beside `path` (so the rename stays on one file system), and private to this process."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def publish(tmp: Path, path: Path) -> None:

@@ -49,14 +49,13 @@ def prep(
     typer.echo(result.summary())
 
 
-def _embed(kind: str, input: Path, model: Path, out: Path, device: str, dtype: str, max_tokens: Optional[int],
-           max_protein_length: int, backend: str, workers: int, compile_layers: bool) -> None:
+def _embed(kind: str, input: Path, model: Path, out: Path, **options) -> None:
+    """`options`: the `EmbedConfig` fields the command sets; a bad value (e.g. --dtype) is a clean error."""
     from vnp_core.engine import embed_fasta_to_hdf5
     from vnp_core.fasta import FastaError
 
-    config = EmbedConfig(device=device, dtype=dtype, max_tokens=max_tokens, attention_backend=backend,
-                         max_protein_length=max_protein_length, num_workers=workers, compile_layers=compile_layers)
     try:
+        config = EmbedConfig(**options)
         stats = embed_fasta_to_hdf5(kind, input, model, out, config, show_progress=True)
     except (FastaError, ValueError, FileNotFoundError) as error:
         _fail(error)
@@ -85,7 +84,9 @@ def embed_esm2(
     compile_layers: Annotated[bool, _COMPILE] = True,
 ) -> None:
     """Mean-pooled last-layer ESM-2 embeddings (residues only) of every protein."""
-    _embed("esm2", input, model, out, device, dtype, max_tokens, max_protein_length, attention, workers, compile_layers)
+    _embed("esm2", input, model, out, device=device, dtype=dtype, max_tokens=max_tokens,
+           max_protein_length=max_protein_length, attention_backend=attention, num_workers=workers,
+           compile_layers=compile_layers)
 
 
 @embed_app.command("dnabert-s")
@@ -101,7 +102,8 @@ def embed_dnabert_s(
     compile_layers: Annotated[bool, _COMPILE] = True,
 ) -> None:
     """Mean-pooled DNABERT-S embeddings (all tokens, [CLS] and [SEP] included) of every sequence."""
-    _embed("dnabert_s", input, model, out, device, dtype, max_tokens, 1022, attention, workers, compile_layers)
+    _embed("dnabert_s", input, model, out, device=device, dtype=dtype, max_tokens=max_tokens,
+           attention_backend=attention, num_workers=workers, compile_layers=compile_layers)
 
 
 @models_app.command("make-tiny")
@@ -122,7 +124,10 @@ def export_pt(
     """Write merged features as the original `{"ids": [...], "data": FloatTensor[N, 3328]}` .pt file."""
     from vnp_core.store import export_merged_to_pt
 
-    export_merged_to_pt(merged, out)
+    try:
+        export_merged_to_pt(merged, out)
+    except (ValueError, OSError) as error:  # h5py reports a missing or non-HDF5 file as OSError
+        _fail(error)
     typer.echo(str(out))
 
 

@@ -8,7 +8,6 @@ on numpy arrays, one batch of equal-length chunks at a time, so a million reads 
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from vnp_core.atomic import publish, temporary_path
 from vnp_core.config import PrepConfig
 from vnp_core.fasta import BadRecord, FastaRecord, read_fasta
 
@@ -235,16 +235,16 @@ def _write_all_or_nothing(texts: dict[Path, Iterable[str]]) -> None:
     try:
         for path, lines in texts.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary[path] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporary[path] = temporary_path(path)
             with open(temporary[path], "w", encoding="utf-8", newline="\n") as handle:
                 handle.writelines(lines)
-        for path, temporary_path in temporary.items():
-            temporary_path.replace(path)
+        for path, written in temporary.items():
+            publish(written, path)
             renamed.append(path)
-    except OSError:
+    except BaseException:
         for path in renamed:  # the set would be half new, half old: keep none of it
             path.unlink()
         raise
     finally:
-        for temporary_path in temporary.values():
-            temporary_path.unlink(missing_ok=True)
+        for written in temporary.values():
+            written.unlink(missing_ok=True)

@@ -28,10 +28,12 @@ def write_tiny_models(out_dir: Path) -> dict[str, Path]:
         try:
             _write(staging)
             (staging / _COMPLETE).touch()
-            os.rename(staging, out_dir)
-        except OSError:
-            if not (out_dir / _COMPLETE).exists():
-                raise OSError(f"{out_dir} exists and is not a complete tiny-model folder: remove it or choose another")
+            try:
+                os.rename(staging, out_dir)
+            except OSError as error:  # out_dir exists: fine when another process completed it first
+                if not (out_dir / _COMPLETE).exists():
+                    raise OSError(f"{out_dir} exists and is not a complete tiny-model folder: "
+                                  "remove it or choose another") from error
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # left only when another process got there first
     return _paths(out_dir)
