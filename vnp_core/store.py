@@ -138,14 +138,16 @@ class ShardCheckpoint:
         except OSError as error:
             log.warning("%s: unreadable checkpoint, starting over (%s)", path, error)
             return None
-        embeddings = file.get("embeddings")
-        if file.attrs.get("fingerprint") != fingerprint or embeddings is None or embeddings.shape[1] != embed_dim:
+        embeddings, ids = file.get("embeddings"), file.get("ids")
+        if (file.attrs.get("fingerprint") != fingerprint or embeddings is None or ids is None
+                or embeddings.shape[1] != embed_dim):
             log.warning("%s: checkpoint of another input, model or dtype, starting over", path)
             file.close()
             return None
-        rows = int(file.attrs["rows_done"])
-        # Rows written after the last durable checkpoint are not trusted.
-        file["ids"].resize((rows,))
+        # Rows written after the last durable checkpoint are not trusted; a run killed while
+        # creating the file had made none durable.
+        rows = int(file.attrs.get("rows_done", 0))
+        ids.resize((rows,))
         embeddings.resize(rows, axis=0)
         return cls(path, file)
 
