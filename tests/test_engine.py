@@ -229,6 +229,18 @@ def test_checkpoint_or_shard_of_other_input_is_recomputed(tmp_path, caplog):
     assert stats.resumed_from_rows == 0 and "recomputing" in caplog.text
 
 
+def test_unreadable_shard_is_recomputed(tmp_path, caplog):
+    ids, sequences = proteins(12)
+    out = tmp_path / "shard.h5"
+    embed_sequences(fake_model(), ids, sequences, out, config())
+    expected = read_embeddings(out).embeddings
+    out.write_bytes(b"not an HDF5 file")
+    with caplog.at_level(logging.WARNING):
+        stats = embed_sequences(fake_model(), ids, sequences, out, config())
+    assert stats.resumed_from_rows == 0 and "cannot be read" in caplog.text
+    np.testing.assert_array_equal(read_embeddings(out).embeddings, expected)
+
+
 def test_tiny_esm2_packed_in_many_packs_matches_one_pack(tmp_path):
     from vnp_core.models.esm2 import write_tiny_checkpoint
 

@@ -239,7 +239,11 @@ def _complete_shard(out_path: Path, fingerprint: str) -> dict | None:
     """The attributes of `out_path` when it is the finished shard of this very input and model."""
     if not out_path.exists():
         return None
-    attrs = read_attrs(out_path)
+    try:
+        attrs = read_attrs(out_path)
+    except OSError as error:  # e.g. a disk that failed under a finished file: recompute rather than stop
+        log.warning("%s cannot be read (%s): recomputing it", out_path, error)
+        return None
     if attrs.get("fingerprint") == fingerprint:
         return attrs
     log.warning("%s holds embeddings of another input or model: recomputing it", out_path)
