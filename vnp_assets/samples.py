@@ -36,30 +36,35 @@ def register_sample(source: Path, name: str, vnp: VnpSettings, registered: set[s
     staging_dir = Path(vnp.storage_root) / "samples" / ".incoming"
     staging_dir.mkdir(parents=True, exist_ok=True)
     staged, sha256 = _copy_and_hash(source, staging_dir)
-    for sample in (name, f"{name}-{sha256[:8]}"):
-        layout = vnp.sample_layout(sample)
-        stored = layout.input_sha256.read_text() if sample in registered and layout.input_sha256.exists() else None
-        if stored == sha256:
-            staged.unlink()
-            return sample, False
-        if stored is None:
-            # Not registered (or left half-registered by a failed attempt): the folder is ours to (re)fill.
-            layout.root.mkdir(parents=True, exist_ok=True)
-            for gzipped in (False, True):
-                layout.input_copy(gzipped).unlink(missing_ok=True)
-            staged.replace(layout.input_copy(gzipped=source.name.endswith(".gz")))
-            # The checksum is written last: its presence says the copy is complete.
-            with atomic_path(layout.input_sha256) as tmp:
-                tmp.write_text(sha256)
-            return sample, True
-    staged.unlink()
-    raise ValueError(f"{source}: samples {name!r} and {name}-{sha256[:8]!r} both exist with other content")
+    try:
+        for sample in (name, f"{name}-{sha256[:8]}"):
+            layout = vnp.sample_layout(sample)
+            stored = layout.input_sha256.read_text() if sample in registered and layout.input_sha256.exists() else None
+            if stored == sha256:
+                return sample, False
+            if stored is None:
+                # Not registered (or left half-registered by a failed attempt): the folder is ours to (re)fill.
+                layout.root.mkdir(parents=True, exist_ok=True)
+                for gzipped in (False, True):
+                    layout.input_copy(gzipped).unlink(missing_ok=True)
+                staged.replace(layout.input_copy(gzipped=source.name.endswith(".gz")))
+                # The checksum is written last: its presence says the copy is complete.
+                with atomic_path(layout.input_sha256) as tmp:
+                    tmp.write_text(sha256)
+                return sample, True
+        raise ValueError(f"{source}: samples {name!r} and {name}-{sha256[:8]!r} both exist with other content")
+    finally:
+        staged.unlink(missing_ok=True)  # gone already when it became the sample's copy
 
 
 def _copy_and_hash(source: Path, staging_dir: Path) -> tuple[Path, str]:
     digest = hashlib.sha256()
     with source.open("rb") as src, tempfile.NamedTemporaryFile(dir=staging_dir, delete=False) as dst:
-        while block := src.read(1 << 20):
-            digest.update(block)
-            dst.write(block)
+        try:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+        except BaseException:
+            Path(dst.name).unlink(missing_ok=True)
+            raise
     return Path(dst.name), digest.hexdigest()
