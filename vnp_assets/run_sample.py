@@ -12,8 +12,9 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import DagsterInstance, materialize
@@ -29,12 +30,33 @@ MODELS = ("esm2", "dnabert_s")
 CONSOLE_AT_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
+@dataclass
+class SampleRun:
+    """What `vnp run` did: the sample, its stage wall times and where its outputs are."""
+
+    sample: str
+    input: Path
+    shards: int
+    tiny_models: list[str]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        from vnp_core.tiny_models import TINY_MODELS_NOTICE
+
+        lines = [f"sample {self.sample} ({self.input}), {self.shards} shard(s) per model"]
+        if self.tiny_models:
+            lines.append(f"WARNING: {', '.join(self.tiny_models)}: {TINY_MODELS_NOTICE}")
+        lines += [f"{stage}: {seconds:.1f} s" for stage, seconds in self.stage_seconds.items()]
+        lines += [f"{label}: {path}" for label, path in self.outputs.items()]
+        return "\n".join(lines)
+
+
 def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = None, home: Path = Path("vnp_home"),
                esm2_model: Path | None = None, dnabert_s_model: Path | None = None, classifier: Path | None = None,
-               trust_classifier_pickle: bool = False, dtype: str | None = None) -> str:
-    """Materializes `input` as one sample up to its predictions; returns the stage times and where the outputs are."""
-    from vnp_core.tiny_models import TINY_MODELS_NOTICE
-
+               trust_classifier_pickle: bool = False, dtype: str | None = None,
+               devices: Sequence[int] | None = None) -> SampleRun:
+    """Materializes `input` as one sample up to its predictions, on `devices` (default: every GPU, or the CPU)."""
     input, home = Path(input), Path(home).resolve()
     name = sample_name(input.name)
     if name is None:
@@ -46,6 +68,7 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         storage_root=str(home / "storage"), inbox_dir=str(home / "inbox"), chunk_length=chunk_length, num_shards=shards,
         esm2_model=_optional_str(esm2_model), dnabert_s_model=_optional_str(dnabert_s_model),
         classifier=_optional_str(classifier), trust_classifier_pickle=trust_classifier_pickle, dtype=dtype,
+        devices=None if devices is None else list(devices),
     ).with_fixed_shard_count()
     if "gpu" not in instance.event_log_storage.get_concurrency_keys():
         # Sized once: the same home serves `dagster dev`, whose runs queue their GPU steps on this pool.
@@ -53,15 +76,13 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
     sample, _ = register_sample(input, name, settings, set(instance.get_dynamic_partitions("samples")))
     instance.add_dynamic_partitions("samples", [sample])
 
-    lines = [f"sample {sample} ({input}), {settings.num_shards} shard(s) per model"]
-    if tiny := settings.tiny_models_used():
-        lines.append(f"WARNING: {', '.join(tiny)}: {TINY_MODELS_NOTICE}")
+    run = SampleRun(sample, input, settings.num_shards, settings.tiny_models_used())
     assets = build_assets(settings.num_shards)
 
     def stage(label: str, work: Callable[..., object], *args) -> None:
         start = time.perf_counter()
         work(*args)
-        lines.append(f"{label}: {time.perf_counter() - start:.1f} s")
+        run.stage_seconds[label] = time.perf_counter() - start
 
     def materialize_sample(asset: str) -> None:
         materialize(assets, selection=[asset], partition_key=sample, resources={"vnp": settings}, instance=instance,
@@ -73,10 +94,9 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         stage(asset, materialize_sample, asset)
 
     layout = settings.sample_layout(sample)
-    outputs = {"prep files": layout.prep_dir, "index": layout.index, "merged embeddings": layout.merged,
-               "validation report": layout.report_dir, "predictions": layout.predictions_dir}
-    lines += [f"{label}: {path}" for label, path in outputs.items()]
-    return "\n".join(lines)
+    run.outputs = {"prep files": layout.prep_dir, "index": layout.index, "merged embeddings": layout.merged,
+                   "validation report": layout.report_dir, "predictions": layout.predictions_dir}
+    return run
 
 
 def local_instance(home: Path) -> DagsterInstance:

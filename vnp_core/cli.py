@@ -142,19 +142,20 @@ def run(
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="VirNucPro classifier weights (default: tiny model).")] = None,
     trust_classifier_pickle: Annotated[bool, typer.Option("--trust-classifier-pickle", help="Allow a pickled whole-module classifier (runs code from the file).")] = False,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU).")] = None,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="Physical GPU ids to use, e.g. 2,3 (default: every GPU).")] = None,
 ) -> None:
     """Materialize one sample through the Dagster asset graph on a local persistent instance."""
-    from vnp_assets.run_sample import (
-        run_sample,  # Dagster only here: the rest of vnp_core never imports it
-    )
+    # Dagster only here: the rest of vnp_core never imports it.
+    from vnp_assets.run_sample import run_sample
 
     try:
-        report = run_sample(input, chunk_length=chunk_length, shards=shards, home=home, esm2_model=esm2_model,
-                            dnabert_s_model=dnabert_s_model, classifier=classifier,
-                            trust_classifier_pickle=trust_classifier_pickle, dtype=dtype)
+        gpu_ids = None if devices is None else [int(d) for d in devices.split(",") if d.strip()]
+        sample_run = run_sample(input, chunk_length=chunk_length, shards=shards, home=home, esm2_model=esm2_model,
+                                dnabert_s_model=dnabert_s_model, classifier=classifier,
+                                trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, devices=gpu_ids)
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
-    typer.echo(report)
+    typer.echo(sample_run.summary())
 
 
 if __name__ == "__main__":

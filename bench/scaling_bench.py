@@ -1,0 +1,101 @@
+"""Multi-GPU scaling of one sample through Dagster (`vnp run`): the same sample on 1, 2, ... GPUs.
+
+Each device count gets a fresh instance and `--shards` equal to that count, so every GPU holds one
+shard of each model; the embedding stage's wall time is what scales. Models are randomly
+initialised at the real sizes (ESM-2 3B, DNABERT-S) in the real checkpoint formats; reads are
+simulated from the genomes of the bundled example sample.
+
+On a lent machine with 2+ GPUs (dagster, fair-esm and polars carried as wheels):
+    python bench/scaling_bench.py --reads 1000000 --gpus 1,2 --out $OUT/scaling.json
+On this CPU-only machine, `--smoke` checks the script with tiny models and 1 shard on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "vnp_core" / "data" / "example.fasta"
+ESM2_SIZES = {"8M": (6, 320, 20), "150M": (30, 640, 20), "650M": (33, 1280, 20), "3B": (36, 2560, 40)}
+
+
+def write_models(workdir: Path, esm2_size: str, smoke: bool) -> dict[str, Path]:
+    """Random models in the real formats, written once per workdir."""
+    from vnp_core.classify import write_tiny_classifier
+    from vnp_core.models.dnabert_s import write_tiny_model
+    from vnp_core.models.esm2 import write_tiny_checkpoint
+    from vnp_core.tiny_models import tiny_feature_width
+
+    esm2 = workdir / f"esm2_{esm2_size}_random.pt"
+    dnabert_s = workdir / "dnabert_s_random"
+    if not esm2.exists():
+        layers, width, heads = (2, 64, 4) if smoke else ESM2_SIZES[esm2_size]
+        write_tiny_checkpoint(esm2, num_layers=layers, embed_dim=width, attention_heads=heads)
+    if not (dnabert_s / "model.safetensors").exists():
+        shape = dict(hidden=64, layers=2, heads=4, intermediate=128) if smoke else \
+            dict(hidden=768, layers=12, heads=12, intermediate=3072)
+        write_tiny_model(dnabert_s, **shape)
+    classifier = write_tiny_classifier(workdir / "classifier", in_features=tiny_feature_width(esm2, dnabert_s),
+                                       chunk_length=500)["state_dict"]
+    return {"esm2_model": esm2, "dnabert_s_model": dnabert_s, "classifier": classifier}
+
+
+def write_reads(workdir: Path, n: int) -> Path:
+    from vnp_core.fasta import read_fasta
+    from vnp_core.simulate import simulate_reads
+
+    genomes = {r.id: r.sequence.upper() for r in read_fasta(EXAMPLE).records if len(r.sequence) > 1000}
+    path = workdir / f"reads{n}.fasta"
+    if not path.exists():
+        path.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in simulate_reads(genomes, n, 150, seed=0)))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/vnp_scaling"))
+    parser.add_argument("--reads", type=int, default=1_000_000)
+    parser.add_argument("--gpus", default="1,2", help="Device counts to compare, e.g. 1,2,4,8.")
+    parser.add_argument("--esm2-size", choices=sorted(ESM2_SIZES), default="3B")
+    parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU, one shard: checks the script only.")
+    args = parser.parse_args()
+
+    import torch
+
+    from vnp_assets.run_sample import run_sample
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    models = write_models(args.workdir, args.esm2_size, args.smoke)
+    reads = write_reads(args.workdir, args.reads)
+    results = {
+        "command": " ".join(sys.argv), "reads": args.reads, "esm2_size": "tiny" if args.smoke else args.esm2_size,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__}, "runs": {},
+    }
+    for count in [int(c) for c in args.gpus.split(",")]:
+        home = args.workdir / f"home_{count}gpu_{time.time_ns()}"
+        devices = None if args.smoke else list(range(count))
+        run = run_sample(reads, shards=count, home=home, devices=devices, dtype=None if args.smoke else "float16",
+                         **models)
+        results["runs"][count] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values())}
+        print(run.summary(), flush=True)
+    embedding = {count: next(s for stage, s in r["stage_seconds"].items() if stage.startswith("embeddings"))
+                 for count, r in results["runs"].items()}
+    base = min(embedding)
+    results["embedding_scaling"] = {count: embedding[base] / seconds for count, seconds in embedding.items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    print("\n| GPUs | embedding stage s | scaling | end to end s |\n|---:|---:|---:|---:|")
+    for count, r in results["runs"].items():
+        print(f"| {count} | {embedding[count]:.1f} | {results['embedding_scaling'][count]:.2f}x | {r['total_seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
