@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from vnp_core.packing import pad_packed, unpad
+from vnp_core.packing import pad_packed, token_layout, unpad
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,20 @@ def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.T
 
 
 def _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None):
-    qp, mask = pad_packed(q, cu_seqlens, max_seqlen)
-    kp, _ = pad_packed(k, cu_seqlens, max_seqlen)
-    vp, _ = pad_packed(v, cu_seqlens, max_seqlen)
-    qp, kp, vp = (t.transpose(1, 2) for t in (qp, kp, vp))  # (B, H, S, D)
-    key_mask = mask[:, None, None, :]  # (B, 1, 1, S): padded keys get no weight
+    # One layout for q, k, v and the output: computed once, and free of host synchronisation.
+    layout = token_layout(cu_seqlens, q.shape[0])
+    batch_size = len(cu_seqlens) - 1
+    qp, kp, vp = (pad_packed(t, layout, batch_size, max_seqlen).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    # (B, 1, 1, S): padded keys get no weight
+    key_mask = (torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]
     if alibi_slopes is None:
         attn_mask = key_mask
     else:
         bias = alibi_bias(alibi_slopes, max_seqlen, q.dtype)[None]
         attn_mask = bias.masked_fill(~key_mask, float("-inf"))
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, scale=scale)
-    return unpad(out.transpose(1, 2), mask)
+    return unpad(out.transpose(1, 2), layout)
 
 
 def _sdpa_reference(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None):

@@ -113,20 +113,27 @@ def split_batch(batch: PackedBatch) -> tuple[PackedBatch, PackedBatch]:
     return part(0, half), part(half, batch.num_sequences)
 
 
-def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, ...) packed -> (B, max_seqlen, ...) zero-padded, plus the (B, max_seqlen) bool mask of real tokens."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    batch_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
-    pos_of_token = position_ids_from_cu_seqlens(cu_seqlens)
-    padded = x.new_zeros((len(lengths), max_seqlen, *x.shape[1:]))
-    padded[batch_of_token, pos_of_token] = x
-    mask = torch.arange(max_seqlen, device=x.device)[None, :] < lengths[:, None]
-    return padded, mask
+def token_layout(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, position) of each of the pack's `total` tokens, without a host synchronisation.
+
+    `total` comes from a shape, never from reading `cu_seqlens` back, so compiled code does not break
+    its graph here and the host never waits for the device.
+    """
+    cu = cu_seqlens.long()
+    sequence = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu[1:] - cu[:-1], output_size=total)
+    return sequence, torch.arange(total, device=cu.device) - cu[sequence]
 
 
-def unpad(padded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, S, ...) with its (B, S) mask -> (T, ...) packed, in sequence order."""
-    return padded[mask]
+def pad_packed(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor], batch_size: int, max_seqlen: int) -> torch.Tensor:
+    """(T, ...) packed -> (B, max_seqlen, ...) zero-padded, with the pack's `token_layout`."""
+    padded = x.new_zeros((batch_size, max_seqlen, *x.shape[1:]))
+    padded[layout] = x
+    return padded
+
+
+def unpad(padded: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(B, S, ...) -> (T, ...) packed, in sequence order: the inverse of `pad_packed`."""
+    return padded[layout]
 
 
 def segment_mean(x: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int = 0, skip_last: int = 0) -> torch.Tensor:
@@ -135,11 +142,8 @@ def segment_mean(x: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int = 0,
     ESM-2 pools residues only (skip BOS and EOS: 1, 1); DNABERT-S pools every token (0, 0).
     Free of host synchronisation (no boolean indexing, sizes from shapes) so the CPU can run ahead.
     """
-    cu = cu_seqlens.long()
-    lengths = cu[1:] - cu[:-1]
-    total = x.shape[0]
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths, output_size=total)
-    position = torch.arange(total, device=x.device) - cu[segment]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    segment, position = token_layout(cu_seqlens, x.shape[0])
     keep = (position >= skip_first) & (position < lengths[segment] - skip_last)
     sums = torch.zeros(len(lengths), x.shape[-1], dtype=torch.float32, device=x.device)
     sums.index_add_(0, segment, x.float() * keep[:, None])
