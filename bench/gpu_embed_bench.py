@@ -182,7 +182,7 @@ def fuse_qkv(model):
     """Variant for measurement: one (3d x d) GEMM for q, k and v instead of three."""
     import types
 
-    from vnp_core.attention import varlen_attention
+    from vnp_core.attention import attend
     from vnp_core.models.esm2 import apply_rotary
 
     for layer in model.layers:
@@ -190,11 +190,10 @@ def fuse_qkv(model):
         attn.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         attn.qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
 
-        def forward(self, x, cu_seqlens, max_seqlen, cos, sin, backend):
+        def forward(self, x, plan, cos, sin):
             q, k, v = torch.nn.functional.linear(x, self.qkv_weight, self.qkv_bias).view(
                 x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
-            out = varlen_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, cu_seqlens, max_seqlen,
-                                   scale=self.head_dim**-0.5, backend=backend)
+            out = attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, plan, scale=self.head_dim**-0.5)
             return self.out_proj(out.flatten(1))
 
         attn.forward = types.MethodType(forward, attn)
@@ -346,7 +345,9 @@ def dnabert_section(args, workdir: Path) -> None:
     sets = dna_sets(np.random.default_rng(0), args.scale)
     variants = {}
     candidates = [("float16", "sdpa_padded", True), ("float16", "sdpa_padded", False), ("float32", "sdpa_reference", False),
-                  ("float32", "sdpa_padded", False)] + ([("float16", "flex", False)] if args.dnabert_flex else [])
+                  ("float32", "sdpa_padded", False)]
+    if args.dnabert_flex:
+        candidates.append(("float16", "flex", True))
     for dtype, backend, compiled in candidates:
         try:
             variants[f"{dtype}_{backend}" + ("_compiled" if compiled else "")] = load_dnabert_s(model_dir, EmbedConfig(
@@ -388,7 +389,7 @@ def dnabert_section(args, workdir: Path) -> None:
                     sync()
 
                 runs[f"padded_batches_16k_{dtype_name}"] = (run_padded, n_tokens)
-        for variant in ("float16_sdpa_padded", "float16_sdpa_padded_compiled", "float16_flex"):
+        for variant in ("float16_sdpa_padded", "float16_sdpa_padded_compiled", "float16_flex_compiled"):
             if variant in variants:
                 for budget in (65536, 262144):
                     runs[f"vnp_packed_{variant}_{budget // 1024}k"] = (
@@ -399,6 +400,25 @@ def dnabert_section(args, workdir: Path) -> None:
                 record(f"dnabert_throughput_{variant}_{name}", {"tokens_per_s": round(counted_tokens / seconds), "seconds": round(seconds, 3)})
             except Exception as error:
                 record(f"dnabert_throughput_{variant}_{name}", f"failed: {error!r}")
+        if args.profile and DEVICE == "cuda":
+            for variant in ("float16_sdpa_padded_compiled", "float16_flex_compiled"):
+                if variant in variants:
+                    record(f"dnabert_profile_{variant}_{name}", kernel_profile(variants[variant].module, tokens, 262144))
+
+
+def kernel_profile(module, token_ids: list[np.ndarray], max_tokens: int, top: int = 15) -> list[dict]:
+    """Where one pack's GPU time goes: the `top` kernels by total device time (after a warm-up pack)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vnp_embed(module, token_ids[:20000], max_tokens)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        vnp_embed(module, token_ids[:20000], max_tokens)
+        sync()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [{"kernel": e.key[:90], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 2),
+             "share": round(e.self_device_time_total / total, 3)} for e in events[:top]]
 
 
 def main() -> None:
@@ -412,6 +432,7 @@ def main() -> None:
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--esm2-variants", action="store_true", help="Also time bf16 and a fused-qkv candidate.")
     parser.add_argument("--dnabert-flex", action="store_true", help="Also time the FlexAttention back end.")
+    parser.add_argument("--profile", action="store_true", help="Also record the top GPU kernels of one DNABERT-S pack.")
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU: checks this script, measures nothing.")
     args = parser.parse_args()
     global DEVICE, ESM2_BACKEND

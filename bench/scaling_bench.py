@@ -7,6 +7,8 @@ simulated from the genomes of the bundled example sample.
 
 On a lent machine with 2+ GPUs (dagster, fair-esm and polars carried as wheels):
     python bench/scaling_bench.py --reads 1000000 --gpus 1,2 --out $OUT/scaling.json
+A run too long for one device call can be split: `--gpus 4,2` then `--gpus 1` with the same `--out`
+and `--workdir` (the models and reads are written once, the results file gathers the runs).
 On this CPU-only machine, `--smoke` checks the script with tiny models and 1 shard on the CPU.
 """
 
@@ -59,11 +61,15 @@ def write_reads(workdir: Path, n: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="JSON results; runs already in it are kept, so device counts can be measured in turns.")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vnp_scaling"))
     parser.add_argument("--reads", type=int, default=1_000_000)
-    parser.add_argument("--gpus", default="1,2", help="Device counts to compare, e.g. 1,2,4,8.")
+    parser.add_argument("--gpus", default="1,2", help="Device counts to measure, in this order, e.g. 1,2,4,8.")
     parser.add_argument("--esm2-size", choices=sorted(ESM2_SIZES), default="3B")
+    parser.add_argument("--warmup-reads", type=int, default=2000,
+                        help="An untimed run first, so every timed run finds torch.compile's caches warm, as a "
+                             "second sample on the same host does (0: none).")
     parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU, one shard: checks the script only.")
     args = parser.parse_args()
 
@@ -73,28 +79,47 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = write_models(args.workdir, args.esm2_size, args.smoke)
+    dtype = None if args.smoke else "float16"
+    if args.warmup_reads:
+        warmup = run_sample(write_reads(args.workdir, args.warmup_reads), shards=1, dtype=dtype,
+                            home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0], **models)
+        print(f"warm-up (untimed):\n{warmup.summary()}", flush=True)
     reads = write_reads(args.workdir, args.reads)
-    results = {
+    results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+    results.update({
         "command": " ".join(sys.argv), "reads": args.reads, "esm2_size": "tiny" if args.smoke else args.esm2_size,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__}, "runs": {},
-    }
+        "gpus_on_host": torch.cuda.device_count(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    })
     for count in [int(c) for c in args.gpus.split(",")]:
         home = args.workdir / f"home_{count}gpu_{time.time_ns()}"
         devices = None if args.smoke else list(range(count))
-        run = run_sample(reads, shards=count, home=home, devices=devices, dtype=None if args.smoke else "float16",
-                         **models)
-        results["runs"][count] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values())}
+        run = run_sample(reads, shards=count, home=home, devices=devices, dtype=dtype, **models)
+        results["runs"][str(count)] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values()),
+                                       "command": " ".join(sys.argv)}
         print(run.summary(), flush=True)
-    embedding = {count: next(s for stage, s in r["stage_seconds"].items() if stage.startswith("embeddings"))
-                 for count, r in results["runs"].items()}
-    base = min(embedding)
-    results["embedding_scaling"] = {count: embedding[base] / seconds for count, seconds in embedding.items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
-    print("\n| GPUs | embedding stage s | scaling | end to end s |\n|---:|---:|---:|---:|")
-    for count, r in results["runs"].items():
-        print(f"| {count} | {embedding[count]:.1f} | {results['embedding_scaling'][count]:.2f}x | {r['total_seconds']:.1f} |")
+        write_results(results, args.out)
+    print_table(results)
+
+
+def write_results(results: dict, out: Path) -> None:
+    """Adds the embedding stage's scaling against the fewest GPUs measured, and writes the JSON."""
+    embedding = {count: next(s for stage, s in run["stage_seconds"].items() if stage.startswith("embeddings"))
+                 for count, run in results["runs"].items()}
+    base = min(embedding, key=int)
+    results["embedding_seconds"] = embedding
+    results["embedding_scaling"] = {count: embedding[base] / seconds * int(base) for count, seconds in embedding.items()}
+    results["scaling_efficiency"] = {count: s / int(count) for count, s in results["embedding_scaling"].items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str))
+
+
+def print_table(results: dict) -> None:
+    print("\n| GPUs | embedding stage s | speed-up | of linear | end to end s |\n|---:|---:|---:|---:|---:|")
+    for count, run in sorted(results["runs"].items(), key=lambda item: int(item[0])):
+        print(f"| {count} | {results['embedding_seconds'][count]:.1f} | {results['embedding_scaling'][count]:.2f}x "
+              f"| {results['scaling_efficiency'][count]:.0%} | {run['total_seconds']:.1f} |")
 
 
 if __name__ == "__main__":

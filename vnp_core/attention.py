@@ -1,15 +1,19 @@
 """Varlen (packed) attention back ends, chosen once when a model is loaded.
 
-Every back end takes q, k, v of shape (T, H, D) for a pack described by `cu_seqlens`, and returns
-(T, H, D). Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly once.
-An optional `alibi_slopes` (H,) fp32 adds the symmetric bias `-slope[h] * |i - j|` (DNABERT-S).
+A pack is described once, by `plan_attention`: whatever a back end derives from the pack's
+`cu_seqlens` (a padding layout and mask, a FlexAttention block mask, host-side bounds) is computed
+there and shared by every layer, so no layer repeats it and compiled layers see plain tensors.
+`attend(q, k, v, plan, scale=...)` then takes q, k, v of shape (T, H, D) and returns (T, H, D).
+Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly once. An optional
+`alibi_slopes` (H,) fp32 adds the symmetric bias `-slope[h] * |i - j|` (DNABERT-S).
 
 - `flash_attn`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), when installed.
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, fp16/bf16, no bias).
 - `sdpa_padded`: pad to (B, S), one `scaled_dot_product_attention` call with a mask/bias (any device).
 - `sdpa_reference`: one SDPA call per sequence (the exact CPU/fp32 reference).
-- `flex`: FlexAttention with a document mask and ALiBi as a `score_mod` (compiled on CUDA; on
-  the CPU it runs uncompiled, materialising the scores, for tests only).
+- `flex`: FlexAttention over the pack with a block-sparse document mask built straight from
+  `cu_seqlens`, ALiBi as a `score_mod` (compiled on CUDA; on the CPU it runs uncompiled,
+  materialising the scores, for tests only).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +30,87 @@ from vnp_core.packing import pad_packed, token_layout, unpad
 
 log = logging.getLogger(__name__)
 
-AttentionFn = Callable[..., torch.Tensor]
+# FlexAttention's default tile: a query block visits only the key blocks of the sequences it touches.
+FLEX_BLOCK = 128
 
 
-def _flash_attn(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None):
+@dataclass(frozen=True)
+class AttentionPlan:
+    """One pack as its attention back end needs it; built by `plan_attention`, read by `attend`."""
+
+    backend: str
+    cu_seqlens: torch.Tensor  # (B + 1,) int32 on the device
+    max_seqlen: int
+    alibi_slopes: torch.Tensor | None = None  # (H,) fp32
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None  # sdpa_padded: (sequence, position) per token
+    mask: torch.Tensor | None = None  # sdpa_padded: (B, 1, 1, S) bool, or (B, H, S, S) ALiBi bias with -inf pads
+    block_mask: object | None = None  # flex: a BlockMask
+    bounds: tuple[int, ...] = ()  # sdpa_reference: cu_seqlens on the host
+
+
+def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(H, L, L) symmetric ALiBi bias `-slope[h] * |i - j|`, computed in fp32."""
+    pos = torch.arange(length, device=slopes.device, dtype=torch.float32)
+    distance = (pos[None, :] - pos[:, None]).abs()
+    return (-slopes.float()[:, None, None] * distance).to(dtype)
+
+
+def padded_attention_mask(cu_seqlens: torch.Tensor, max_seqlen: int, dtype: torch.dtype,
+                          alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+    """The mask of a padded (B, H, S, S) SDPA call: padded keys get no weight, plus ALiBi if given."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    key_mask = (torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < lengths[:, None])[:, None, None, :]
+    if alibi_slopes is None:
+        return key_mask  # (B, 1, 1, S)
+    return alibi_bias(alibi_slopes, max_seqlen, dtype)[None].masked_fill(~key_mask, float("-inf"))
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, tokens: int, block: int = FLEX_BLOCK):
+    """FlexAttention BlockMask keeping each token to its own sequence, built in O(T) from `cu_seqlens`.
+
+    `create_block_mask` would evaluate the mask for all T x T token pairs; here query block i lists
+    the key blocks from the start of the first sequence it touches to the end of the last, and the
+    mask_mod trims the partial blocks. No host synchronisation: every size comes from `tokens`.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    cu = cu_seqlens.long()
+    sequence, _ = token_layout(cu_seqlens, tokens)
+    num_blocks = -(-tokens // block)
+    starts = torch.arange(num_blocks, device=cu.device) * block
+    first, last = sequence[starts], sequence[(starts + block - 1).clamp(max=tokens - 1)]
+    lo, hi = cu[first] // block, (cu[last + 1] - 1) // block
+    kv_indices = (lo[:, None] + torch.arange(num_blocks, device=cu.device)).clamp(max=num_blocks - 1)
+    # Tokens past the pack's end (the last block's tail) belong to no sequence.
+    owner = F.pad(sequence, (0, num_blocks * block - tokens), value=-1)
+
+    def same_sequence(b, h, q_idx, kv_idx):
+        return owner[q_idx] == owner[kv_idx]
+
+    return BlockMask.from_kv_blocks((hi - lo + 1).int()[None, None], kv_indices.int()[None, None], BLOCK_SIZE=block,
+                                    mask_mod=same_sequence, seq_lengths=(tokens, tokens))
+
+
+def plan_attention(backend: str, cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int, dtype: torch.dtype,
+                   alibi_slopes: torch.Tensor | None = None) -> AttentionPlan:
+    """Everything `backend` derives from one pack's boundaries, computed once for all layers."""
+    plan = AttentionPlan(backend, cu_seqlens, max_seqlen, alibi_slopes)
+    if backend == "sdpa_padded":
+        return replace(plan, layout=token_layout(cu_seqlens, tokens),
+                       mask=padded_attention_mask(cu_seqlens, max_seqlen, dtype, alibi_slopes))
+    if backend == "flex":
+        return replace(plan, block_mask=document_block_mask(cu_seqlens, tokens))
+    if backend == "sdpa_reference":
+        return replace(plan, bounds=tuple(cu_seqlens.tolist()))
+    return plan
+
+
+def _flash_attn(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-        softmax_scale=scale, causal=False, alibi_slopes=alibi_slopes,
+        q, k, v, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
+        softmax_scale=scale, causal=False, alibi_slopes=plan.alibi_slopes,
     )
 
 
@@ -45,89 +121,68 @@ def _varlen_attn_takes_scale() -> bool:
     return "scale" in inspect.signature(varlen_attn).parameters
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None):
+def _torch_varlen(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    if alibi_slopes is not None:
+    if plan.alibi_slopes is not None:
         raise ValueError("torch_varlen takes no attention bias: use flash_attn or sdpa_padded for ALiBi")
+    cu, s = plan.cu_seqlens, plan.max_seqlen
     if _varlen_attn_takes_scale():
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+        return varlen_attn(q, k, v, cu, cu, s, s, scale=scale)
     # torch 2.10 applies head_dim ** -0.5 itself: fold the difference into q.
-    q = q * (scale * q.shape[-1] ** 0.5)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    return varlen_attn(q * (scale * q.shape[-1] ** 0.5), k, v, cu, cu, s, s)
 
 
-def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """(H, L, L) symmetric ALiBi bias `-slope[h] * |i - j|`, computed in fp32."""
-    pos = torch.arange(length, device=slopes.device, dtype=torch.float32)
-    distance = (pos[None, :] - pos[:, None]).abs()
-    return (-slopes.float()[:, None, None] * distance).to(dtype)
+def _sdpa_padded(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    batch_size = len(plan.cu_seqlens) - 1
+    qp, kp, vp = (pad_packed(t, plan.layout, batch_size, plan.max_seqlen).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.mask, scale=scale)
+    return unpad(out.transpose(1, 2), plan.layout)
 
 
-def _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None):
-    # One layout for q, k, v and the output: computed once, and free of host synchronisation.
-    layout = token_layout(cu_seqlens, q.shape[0])
-    batch_size = len(cu_seqlens) - 1
-    qp, kp, vp = (pad_packed(t, layout, batch_size, max_seqlen).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    # (B, 1, 1, S): padded keys get no weight
-    key_mask = (torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]
-    if alibi_slopes is None:
-        attn_mask = key_mask
-    else:
-        bias = alibi_bias(alibi_slopes, max_seqlen, q.dtype)[None]
-        attn_mask = bias.masked_fill(~key_mask, float("-inf"))
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, scale=scale)
-    return unpad(out.transpose(1, 2), layout)
-
-
-def _sdpa_reference(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None):
+def _sdpa_reference(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(plan.bounds[:-1], plan.bounds[1:]):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
-        bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, b - a, q.dtype)
+        bias = None if plan.alibi_slopes is None else alibi_bias(plan.alibi_slopes, b - a, q.dtype)
         out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=scale).transpose(0, 1)
     return out
 
 
 @functools.cache
-def _compiled_flex_attention() -> AttentionFn:
+def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     # dynamic: every pack has its own length, and a recompile per length would cost more than it saves.
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex(q, k, v, cu_seqlens, max_seqlen, *, scale, alibi_slopes=None):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _flex(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
 
-    tokens = q.shape[0]
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    document = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths, output_size=tokens)
-
-    def same_document(b, h, q_idx, kv_idx):
-        return document[q_idx] == document[kv_idx]
+    slopes = plan.alibi_slopes
 
     def alibi(score, b, h, q_idx, kv_idx):
         # Sequences lie contiguously in the pack, so within one |q_idx - kv_idx| is their distance.
-        return score - alibi_slopes[h] * (q_idx - kv_idx).abs()
+        return score - slopes[h] * (q_idx - kv_idx).abs()
 
-    cuda = q.is_cuda
-    block_mask = create_block_mask(same_document, None, None, tokens, tokens, device=q.device, _compile=cuda)
-    attend = _compiled_flex_attention() if cuda else flex_attention
-    out = attend(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask, scale=scale,
-                 score_mod=None if alibi_slopes is None else alibi)
+    attend_fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+    out = attend_fn(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=plan.block_mask, scale=scale,
+                    score_mod=None if slopes is None else alibi)
     return out[0].transpose(0, 1)
 
 
-BACKENDS: dict[str, AttentionFn] = {
+BACKENDS = {
     "flash_attn": _flash_attn,
     "torch_varlen": _torch_varlen,
     "sdpa_padded": _sdpa_padded,
     "sdpa_reference": _sdpa_reference,
     "flex": _flex,
 }
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, *, scale: float) -> torch.Tensor:
+    return BACKENDS[plan.backend](q, k, v, plan, scale)
 
 
 def flash_attn_available() -> bool:
@@ -171,7 +226,3 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, nee
             raise ValueError("attention back end torch_varlen is unavailable here (torch < 2.10, or the model needs ALiBi)")
     log.info("attention back end: %s (device %s, dtype %s)", name, device, dtype)
     return name
-
-
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, backend, alibi_slopes=None):
-    return BACKENDS[backend](q, k, v, cu_seqlens, max_seqlen, scale=scale, alibi_slopes=alibi_slopes)

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, models, processors, trainers
 from torch import nn
 
 from vnp_core.atomic import atomic_path
-from vnp_core.attention import select_backend, varlen_attention
+from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
 from vnp_core.models import LoadedModel
 from vnp_core.packing import PackedBatch, segment_mean
@@ -108,11 +108,10 @@ class DnabertSTokenizer:
 class DnabertSLayer(nn.Module):
     """One post-LayerNorm encoder layer over a pack of T tokens; submodule names are the checkpoint's."""
 
-    def __init__(self, config: DnabertSConfig, attention_backend: str):
+    def __init__(self, config: DnabertSConfig):
         super().__init__()
         d, eps = config.hidden_size, config.layer_norm_eps
         self.num_heads = config.num_attention_heads
-        self.attention_backend = attention_backend
         self.attention = nn.ModuleDict(dict(
             self=nn.ModuleDict(dict(Wqkv=nn.Linear(d, 3 * d))),
             output=nn.ModuleDict(dict(dense=nn.Linear(d, d), LayerNorm=nn.LayerNorm(d, eps=eps))),
@@ -123,12 +122,11 @@ class DnabertSLayer(nn.Module):
             layernorm=nn.LayerNorm(d, eps=eps),
         ))
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, slopes: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         tokens, d = x.shape
         # Wqkv's output is [q; k; v], each head-major.
         q, k, v = self.attention.self.Wqkv(x).view(tokens, 3, self.num_heads, -1).unbind(1)
-        a = varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=q.shape[-1] ** -0.5,
-                             backend=self.attention_backend, alibi_slopes=slopes)
+        a = attend(q, k, v, plan, scale=q.shape[-1] ** -0.5)
         x = self.attention.output.LayerNorm(self.attention.output.dense(a.reshape(tokens, d)) + x)
         gate, up = self.mlp.gated_layers(x).chunk(2, dim=-1)
         # Exact (erf) GELU, the model's own: the tanh approximation shifts the embeddings.
@@ -141,13 +139,14 @@ class PackedDnabertS(nn.Module):
     def __init__(self, config: DnabertSConfig, attention_backend: str):
         super().__init__()
         d = config.hidden_size
+        self.attention_backend = attention_backend
         self.embeddings = nn.ModuleDict(dict(
             word_embeddings=nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id),
             token_type_embeddings=nn.Embedding(config.type_vocab_size, d),
             LayerNorm=nn.LayerNorm(d, eps=config.layer_norm_eps),
         ))
         self.encoder = nn.ModuleDict(dict(
-            layer=nn.ModuleList(DnabertSLayer(config, attention_backend) for _ in range(config.num_hidden_layers)),
+            layer=nn.ModuleList(DnabertSLayer(config) for _ in range(config.num_hidden_layers)),
         ))
         # Kept fp32 whatever the weights' dtype (load_dnabert_s never casts the module): flash-attn
         # requires fp32 slopes, and fp16 would round them.
@@ -158,8 +157,10 @@ class PackedDnabertS(nn.Module):
         emb = self.embeddings
         # The token type is always 0. No position embeddings: position enters only through ALiBi.
         x = emb.LayerNorm(emb.word_embeddings(batch.input_ids) + emb.token_type_embeddings.weight[0])
+        plan = plan_attention(self.attention_backend, batch.cu_seqlens, x.shape[0], batch.max_seqlen, x.dtype,
+                              alibi_slopes=self.alibi_slopes)
         for layer in self.encoder.layer:
-            x = layer(x, batch.cu_seqlens, batch.max_seqlen, self.alibi_slopes)
+            x = layer(x, plan)
         return x
 
     def compile_layers(self) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vnp_core.atomic import atomic_path
-from vnp_core.attention import select_backend, varlen_attention
+from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
 from vnp_core.models import LoadedModel
 from vnp_core.packing import PackedBatch, segment_mean
@@ -109,13 +109,13 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x, cu_seqlens, max_seqlen, cos, sin, backend):
+    def forward(self, x, plan: AttentionPlan, cos, sin):
         heads = (x.shape[0], self.num_heads, self.head_dim)
         q = apply_rotary(self.q_proj(x).view(heads), cos, sin)
         k = apply_rotary(self.k_proj(x).view(heads), cos, sin)
         v = self.v_proj(x).view(heads)
         # fair-esm scales q before the rotation; rotation is linear, so scaling once in the kernel is the same.
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=self.head_dim**-0.5, backend=backend)
+        out = attend(q, k, v, plan, scale=self.head_dim**-0.5)
         return self.out_proj(out.flatten(1))
 
 
@@ -128,8 +128,8 @@ class TransformerLayer(nn.Module):
         self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
         self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
 
-    def forward(self, x, cu_seqlens, max_seqlen, cos, sin, backend):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens, max_seqlen, cos, sin, backend)
+    def forward(self, x, plan: AttentionPlan, cos, sin):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), plan, cos, sin)
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))  # exact erf GELU
 
 
@@ -175,8 +175,9 @@ class PackedESM2(nn.Module):
         x = x.masked_fill(is_mask[:, None], 0.0) * scale[seq_of_token, None].to(x.dtype)
 
         cos, sin = rotary_tables(batch.position_ids, self.cfg.head_dim, x.dtype)
+        plan = plan_attention(self.attention_backend, cu_seqlens, x.shape[0], batch.max_seqlen, x.dtype)
         for layer in self.layers:
-            x = layer(x, cu_seqlens, batch.max_seqlen, cos, sin, self.attention_backend)
+            x = layer(x, plan, cos, sin)
         return self.emb_layer_norm_after(x)
 
     def compile_layers(self) -> None:
