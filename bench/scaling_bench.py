@@ -8,7 +8,8 @@ simulated from the genomes of the bundled example sample.
 On a lent machine with 2+ GPUs (dagster, fair-esm and polars carried as wheels):
     python bench/scaling_bench.py --reads 1000000 --gpus 1,2 --out $OUT/scaling.json
 A run too long for one device call can be split: `--gpus 4,2` then `--gpus 1` with the same `--out`
-and `--workdir` (the models and reads are written once, the results file gathers the runs).
+and `--workdir` (the models and reads are written once, the results file gathers the runs); or,
+after `--prepare-only`, counts can run at once on disjoint GPUs (`--gpus 2` and `--gpus 1 --first-gpu 2`).
 On this CPU-only machine, `--smoke` checks the script with tiny models and 1 shard on the CPU.
 """
 
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--warmup-reads", type=int, default=2000,
                         help="An untimed run first, so every timed run finds torch.compile's caches warm, as a "
                              "second sample on the same host does (0: none).")
+    parser.add_argument("--first-gpu", type=int, default=0,
+                        help="Use GPUs first-gpu, first-gpu + 1, ...: two invocations on disjoint GPUs can run at once.")
+    parser.add_argument("--prepare-only", action="store_true", help="Write the models and reads, then stop.")
     parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU, one shard: checks the script only.")
     args = parser.parse_args()
 
@@ -80,6 +84,9 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = write_models(args.workdir, args.esm2_size, args.smoke)
     dtype = None if args.smoke else "float16"
+    if args.prepare_only:
+        write_reads(args.workdir, args.reads)
+        return
     if args.warmup_reads:
         warmup = run_sample(write_reads(args.workdir, args.warmup_reads), shards=1, dtype=dtype,
                             home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0], **models)
@@ -94,10 +101,10 @@ def main() -> None:
     })
     for count in [int(c) for c in args.gpus.split(",")]:
         home = args.workdir / f"home_{count}gpu_{time.time_ns()}"
-        devices = None if args.smoke else list(range(count))
+        devices = None if args.smoke else list(range(args.first_gpu, args.first_gpu + count))
         run = run_sample(reads, shards=count, home=home, devices=devices, dtype=dtype, **models)
         results["runs"][str(count)] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values()),
-                                       "command": " ".join(sys.argv)}
+                                       "devices": devices, "command": " ".join(sys.argv)}
         print(run.summary(), flush=True)
         write_results(results, args.out)
     print_table(results)

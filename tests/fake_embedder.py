@@ -1,4 +1,4 @@
-"""A stand-in for `vnp_assets.assets.embeddings.embed_shard`, for the asset tests.
+"""A stand-in for `vnp_core.engine.embed_shard` (as the embedding assets call it), for the asset tests.
 
 It runs where the real one runs (in the device process) but loads no model and imports no torch,
 so a test step costs a process start, not a model load. It notes the CUDA_VISIBLE_DEVICES it was
@@ -45,6 +45,8 @@ class FakeEmbedStats:
     attention_backend: str = "fake"
     max_tokens: int = 0
     resumed_from_rows: int = 0
+    load_seconds: float = 0.0
+    first_pack_seconds: float = 0.0
 
     def summary(self) -> str:
         return f"fake: {self.sequences} sequences"

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -87,6 +87,10 @@ class EmbedStats:
     attention_backend: str
     max_tokens: int
     resumed_from_rows: int  # rows taken from a checkpoint or an already complete shard
+    # Where a shard's fixed cost goes: loading the model, and reaching the first finished pack
+    # (tokenising, the first pack's compilation by torch.compile, its compute).
+    load_seconds: float = 0.0
+    first_pack_seconds: float = 0.0
 
     def summary(self) -> str:
         if self.resumed_from_rows == self.sequences:
@@ -98,6 +102,10 @@ class EmbedStats:
         )
         if self.resumed_from_rows:
             text += f"; resumed after {self.resumed_from_rows:,} checkpointed rows"
+        if self.load_seconds:
+            text += f"; model loaded in {self.load_seconds:.1f} s"
+        if self.first_pack_seconds:
+            text += f"; first pack done after {self.first_pack_seconds:.1f} s (tokenising and compiling included)"
         if self.truncated:
             text += f"; {self.truncated:,} inputs truncated"
         return text
@@ -113,6 +121,17 @@ def load_model(kind: str, path: Path, config: EmbedConfig) -> LoadedModel:
 
         return load_dnabert_s(Path(path), config)
     raise ValueError(f"unknown model kind {kind!r}: expected 'esm2' or 'dnabert_s'")
+
+
+def embed_shard(kind: str, model_path: Path, ids: Sequence[str], sequences: Sequence[str], out: Path,
+                config: EmbedConfig, attrs: dict | None = None,
+                progress: Callable[[Progress], None] | None = None) -> EmbedStats:
+    """One model over one shard, as a device process runs it: the model is loaded where it runs."""
+    start = time.perf_counter()
+    model = load_model(kind, model_path, config)
+    load_seconds = time.perf_counter() - start
+    stats = embed_sequences(model, ids, sequences, out, config, attrs=attrs, progress=progress)
+    return replace(stats, load_seconds=load_seconds)
 
 
 def embed_fasta_to_hdf5(kind: str, input: Path, model_path: Path, out: Path, config: EmbedConfig, *,
@@ -198,9 +217,10 @@ def embed_sequences(model: LoadedModel, ids: Sequence[str], sequences: Sequence[
         shard_attrs = {**_shard_attrs(model, tokenized, max_tokens), **(attrs or {})}
         checkpoint.update_attrs(shard_attrs)
         packs = [[resumed + i for i in pack] for pack in plan_packs(tokenized.lengths[resumed:], max_tokens)]
-        rows, tokens = resumed, 0
+        rows, tokens, first_pack_seconds = resumed, 0, 0.0
         with _CheckpointWriter(checkpoint, ids, config.checkpoint_rows) as writer:
             for vectors, pack_tokens in _embed_packs(model, tokenized, packs, ids):
+                first_pack_seconds = first_pack_seconds or time.perf_counter() - start
                 writer.add(vectors)
                 rows, tokens = rows + len(vectors), tokens + pack_tokens
                 if progress is not None:
@@ -214,7 +234,7 @@ def embed_sequences(model: LoadedModel, ids: Sequence[str], sequences: Sequence[
         sequences=len(ids), tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
         sequences_per_s=(len(ids) - resumed) / seconds, truncated=tokenized.truncated, device=str(model.device),
         dtype=_dtype_name(model.dtype), attention_backend=model.attention_backend, max_tokens=max_tokens,
-        resumed_from_rows=resumed,
+        resumed_from_rows=resumed, first_pack_seconds=first_pack_seconds,
     )
 
 

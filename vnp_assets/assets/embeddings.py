@@ -4,8 +4,6 @@ The step leases a GPU among every run on the host (a flock under `gpu_lock_dir`)
 model in a fresh process bound to that physical GPU. On a host without GPUs it runs on the CPU.
 """
 
-from pathlib import Path
-
 import polars as pl
 from dagster import (
     AssetDep,
@@ -22,21 +20,13 @@ from vnp_assets.assets.sequence_index import sequence_index
 from vnp_assets.checks import EAGER_AFTER_CHECKS, shard_check_results, shard_check_specs
 from vnp_assets.metadata import warn_if_tiny
 from vnp_assets.partitions import by_sample
-from vnp_assets.progress import ProgressFile, run_logging_progress
+from vnp_assets.progress import run_logging_progress
 from vnp_assets.resources import VnpSettings
-from vnp_core.config import EmbedConfig
+# What the device process runs; it lives in vnp_core so that process imports no Dagster.
+from vnp_core.engine import embed_shard
 
 # Which index column each model embeds.
 MODEL_INPUT = {"esm2": "protein", "dnabert_s": "nucleotide"}
-
-
-def embed_shard(kind: str, model_path: Path, ids: list[str], sequences: list[str], out: Path, config: EmbedConfig,
-                attrs: dict, progress: ProgressFile):
-    """Runs in the device process: the model is loaded where it runs."""
-    from vnp_core.engine import embed_sequences, load_model
-
-    model = load_model(kind, model_path, config)
-    return embed_sequences(model, ids, sequences, out, config, attrs=attrs, progress=progress)
 
 
 def build_embedding_asset(kind: str, partitions_def: MultiPartitionsDefinition) -> AssetsDefinition:
@@ -77,6 +67,8 @@ def build_embedding_asset(kind: str, partitions_def: MultiPartitionsDefinition) 
                 "seconds": stats.seconds,
                 "tokens_per_s": stats.tokens_per_s,
                 "resumed_rows": stats.resumed_from_rows,
+                "model_load_seconds": stats.load_seconds,
+                "first_pack_seconds": stats.first_pack_seconds,
                 "device": where,
                 "dtype": stats.dtype,
                 "attention_backend": stats.attention_backend,
