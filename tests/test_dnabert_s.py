@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, processors, trainers
 
 from vnp_core.config import EmbedConfig
+from vnp_core.models import dnabert_s
 from vnp_core.models.dnabert_s import (
     DnabertSTokenizer,
     alibi_slopes,
@@ -216,6 +217,20 @@ def test_tokenizer_upper_cases_counts_and_pickles(tiny, chunks):
     np.testing.assert_array_equal(clone.encode(chunks[1], "r")[0], tokenizer.encode(chunks[1], "r")[0])
     with pytest.raises(ValueError, match="'empty_one'"):
         tokenizer.encode("", "empty_one")
+
+
+def test_batch_encoding_matches_one_by_one_and_names_an_empty_record(tiny, chunks, monkeypatch):
+    tokenizer = DnabertSTokenizer(tiny / "tokenizer.json")
+    monkeypatch.setattr(dnabert_s, "_ENCODE_BLOCK", 3)  # several blocks, the last one partial
+    sequences = [s.lower() if i % 2 else s for i, s in enumerate(chunks[:5])]
+    encoded, truncated = tokenizer.encode_many(sequences, [f"r{i}" for i in range(5)])
+    assert truncated == 0 and len(encoded) == 5
+    for ids, sequence in zip(encoded, sequences):
+        np.testing.assert_array_equal(ids, tokenizer.encode(sequence, "r")[0])
+    for empty_at in (0, 4):
+        ids = [f"r{i}" for i in range(5)]
+        with pytest.raises(ValueError, match=f"'r{empty_at}': empty nucleotide"):
+            tokenizer.encode_many([("" if i == empty_at else chunks[i]) for i in range(5)], ids)
 
 
 def test_write_tiny_model_is_deterministic(tmp_path):

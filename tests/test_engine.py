@@ -47,6 +47,10 @@ class LetterTokenizer:
         letters = sequence[: self.max_letters]
         return np.array([0] + [LETTERS.index(c) + 1 for c in letters]), len(sequence) > self.max_letters
 
+    def encode_many(self, sequences, record_ids):
+        encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
+        return [ids for ids, _ in encoded], sum(truncated for _, truncated in encoded)
+
 
 class MeanEmbedding(nn.Module):
     """A deterministic stand-in for a model: mean of learned token vectors, and switchable faults."""

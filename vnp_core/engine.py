@@ -332,11 +332,7 @@ def tokenize(tokenizer: SequenceTokenizer, ids: Sequence[str], sequences: Sequen
 
 
 def _tokenize_slice(tokenizer: SequenceTokenizer, ids: Sequence[str], sequences: Sequence[str]) -> Tokenized:
-    encoded, truncated = [], 0
-    for record_id, sequence in zip(ids, sequences):
-        token_ids, was_truncated = tokenizer.encode(sequence, record_id)
-        encoded.append(token_ids)
-        truncated += was_truncated
+    encoded, truncated = tokenizer.encode_many(sequences, ids)
     lengths = np.array([len(t) for t in encoded], dtype=np.int64)
     # int32 halves the host memory of a large shard; make_batch widens each pack for the embedding.
     tokens = np.concatenate(encoded).astype(np.int32) if encoded else np.empty(0, dtype=np.int32)

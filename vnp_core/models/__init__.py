@@ -6,6 +6,7 @@ fp32 vectors, one per sequence of the pack) and a picklable tokenizer that worke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,10 @@ class SequenceTokenizer(Protocol):
 
     def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
         """Token ids, and whether the input was truncated. Unknown letters raise `ValueError` naming the record."""
+        ...
+
+    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> tuple[list[np.ndarray], int]:
+        """`encode` of every sequence (as fast as the tokenizer allows), and how many were truncated."""
         ...
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -34,6 +34,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 UNUSED_WEIGHTS = ("pooler.", "cls.")
 # DNABERT-2's order of special tokens, kept for the tiny model.
 SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+_ENCODE_BLOCK = 65536  # sequences per encode_batch call: bounds the tokenizer's transient memory
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,17 @@ class DnabertSTokenizer:
         if len(ids) <= 2:
             raise ValueError(f"record {record_id!r}: empty nucleotide sequence")
         return np.asarray(ids, dtype=np.int64), False
+
+    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> tuple[list[np.ndarray], int]:
+        # One call into the Rust tokenizer per block (it tokenises the block on all cores): per-sequence
+        # calls cost ~50 us each, a minute for a 1M-read sample.
+        encoded = []
+        for start in range(0, len(sequences), _ENCODE_BLOCK):
+            block = sequences[start : start + _ENCODE_BLOCK]
+            encoded += [np.asarray(e.ids, dtype=np.int64) for e in self._tokenizer.encode_batch([s.upper() for s in block])]
+        if (empty := next((i for i, ids in enumerate(encoded) if len(ids) <= 2), None)) is not None:
+            raise ValueError(f"record {record_ids[empty]!r}: empty nucleotide sequence")
+        return encoded, 0
 
     def count_tokens(self, sequences: list[str]) -> np.ndarray:
         """Token count of each sequence, [CLS] and [SEP] included (tokenised in parallel)."""

@@ -14,6 +14,7 @@ import hashlib
 import json
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,10 @@ class ESM2Tokenizer:
         if truncated:
             ids = ids[: self.max_residues]
         return np.concatenate(([CLS], ids, [EOS])), truncated
+
+    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> tuple[list[np.ndarray], int]:
+        encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
+        return [ids for ids, _ in encoded], sum(truncated for _, truncated in encoded)
 
 
 # ----------------------------------------------------------------------------------------------
