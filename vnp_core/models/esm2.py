@@ -14,7 +14,9 @@ import hashlib
 import json
 import pickle
 import re
+import zipfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,19 +205,22 @@ class PackedESM2(nn.Module):
 def load_esm2(path: Path, config: EmbedConfig) -> LoadedModel:
     """A packed ESM-2 on `config.device` in `config.dtype` from a fair-esm .pt, hub name or HF directory."""
     source = _resolve_checkpoint(Path(path))
-    cfg, weights = read_esm2_weights(source)
-    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    backend = select_backend(config.attention_backend, device, dtype, needs_bias=False)
-    module = PackedESM2.from_weights(cfg, weights, device, dtype, backend)
-    if config.compile_layers and device.type == "cuda":
-        module.compile_layers()
+    # The checksum reads the file a second time: on a thread (hashlib releases the GIL), it overlaps the load.
+    with ThreadPoolExecutor(1, thread_name_prefix="vnp-sha256") as pool:
+        weights_sha256 = pool.submit(_sha256, _files_read(source))
+        cfg, weights = read_esm2_weights(source)
+        device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+        backend = select_backend(config.attention_backend, device, dtype, needs_bias=False)
+        module = PackedESM2.from_weights(cfg, weights, device, dtype, backend)
+        if config.compile_layers and device.type == "cuda":
+            module.compile_layers()
     return LoadedModel(
         kind="esm2",
         name=source.stem if source.is_file() else source.name,
         module=module,
         tokenizer=ESM2Tokenizer(config.max_protein_length),
         embed_dim=cfg.embed_dim,
-        weights_sha256=_sha256(_files_read(source)),
+        weights_sha256=weights_sha256.result(),
         source=str(source),
         device=device,
         dtype=dtype,
@@ -254,7 +259,10 @@ def _resolve_checkpoint(path: Path) -> Path:
 def _read_fair_esm(path: Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
     # fair-esm checkpoints pickle an argparse.Namespace config: trusted files, so weights_only=False.
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        # Memory-mapped where the format allows (zip checkpoints): each tensor is read once, as it is
+        # cast onto the device, rather than copied into host memory first.
+        mmap = zipfile.is_zipfile(path)
+        data = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise ValueError(f"{path}: not a readable torch checkpoint ({error})") from error
     if not isinstance(data, dict) or "model" not in data:
