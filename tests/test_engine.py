@@ -27,7 +27,7 @@ from vnp_core.engine import (
     load_model,
 )
 from vnp_core.fasta import FastaError
-from vnp_core.models import LoadedModel
+from vnp_core.models import LoadedModel, SequenceTokenizer
 from vnp_core.packing import make_batch, segment_mean
 from vnp_core.store import ShardCheckpoint, checkpoint_path, read_embeddings
 
@@ -36,7 +36,7 @@ LETTERS = "ACDEFGHIKLMNPQRSTVWY"
 
 
 @dataclass(frozen=True)
-class LetterTokenizer:
+class LetterTokenizer(SequenceTokenizer):
     """`[0] + one id per letter`, cut after `max_letters` letters."""
 
     max_letters: int = 40
@@ -46,10 +46,6 @@ class LetterTokenizer:
             raise ValueError(f"record {record_id!r}: unknown letter {unknown[0]!r}")
         letters = sequence[: self.max_letters]
         return np.array([0] + [LETTERS.index(c) + 1 for c in letters]), len(sequence) > self.max_letters
-
-    def encode_many(self, sequences, record_ids):
-        encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
-        return [ids for ids, _ in encoded], sum(truncated for _, truncated in encoded)
 
 
 class MeanEmbedding(nn.Module):

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
 
-class SequenceTokenizer(Protocol):
-    """Turns one sequence into token ids (specials included). Picklable: runs in worker processes."""
+class SequenceTokenizer:
+    """Turns sequences into token ids (specials included). Picklable: runs in worker processes."""
 
     def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
         """Token ids, and whether the input was truncated. Unknown letters raise `ValueError` naming the record."""
-        ...
+        raise NotImplementedError
 
     def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> tuple[list[np.ndarray], int]:
-        """`encode` of every sequence (as fast as the tokenizer allows), and how many were truncated."""
-        ...
+        """`encode` of every sequence, and how many were truncated; a tokenizer with a faster batch path overrides it."""
+        encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
+        return [ids for ids, _ in encoded], sum(truncated for _, truncated in encoded)
 
 
 @dataclass

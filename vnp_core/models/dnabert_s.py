@@ -25,7 +25,7 @@ from torch import nn
 from vnp_core.atomic import atomic_path
 from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models import LoadedModel
+from vnp_core.models import LoadedModel, SequenceTokenizer
 from vnp_core.packing import PackedBatch, segment_mean
 
 POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"
@@ -75,7 +75,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class DnabertSTokenizer:
+class DnabertSTokenizer(SequenceTokenizer):
     """The checkpoint's BPE `tokenizer.json`; picklable, as `tokenizers.Tokenizer` is.
 
     Sequences are upper-cased first: the vocabulary is upper-case and prep keeps the input's case,

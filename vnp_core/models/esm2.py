@@ -15,7 +15,6 @@ import json
 import pickle
 import re
 import zipfile
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 from vnp_core.atomic import atomic_path
 from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models import LoadedModel
+from vnp_core.models import LoadedModel, SequenceTokenizer
 from vnp_core.packing import PackedBatch, segment_mean
 
 # The ESM-1b alphabet of every ESM-2 model, in token-id order.
@@ -60,7 +59,7 @@ class ESM2Config:
 
 
 @dataclass(frozen=True)
-class ESM2Tokenizer:
+class ESM2Tokenizer(SequenceTokenizer):
     """`[cls] residues [eos]`; proteins longer than `max_residues` keep their N-terminal part."""
 
     max_residues: int | None = 1022
@@ -82,10 +81,6 @@ class ESM2Tokenizer:
         if truncated:
             ids = ids[: self.max_residues]
         return np.concatenate(([CLS], ids, [EOS])), truncated
-
-    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> tuple[list[np.ndarray], int]:
-        encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
-        return [ids for ids, _ in encoded], sum(truncated for _, truncated in encoded)
 
 
 # ----------------------------------------------------------------------------------------------
