@@ -30,6 +30,8 @@ ESM2_SIZES = {"8M": (6, 320, 20), "150M": (30, 640, 20), "650M": (33, 1280, 20),
 
 def write_models(workdir: Path, esm2_size: str, smoke: bool) -> dict[str, Path]:
     """Random models in the real formats, written once per workdir."""
+    import torch
+
     from vnp_core.classify import write_tiny_classifier
     from vnp_core.models.dnabert_s import write_tiny_model
     from vnp_core.models.esm2 import write_tiny_checkpoint
@@ -39,7 +41,8 @@ def write_models(workdir: Path, esm2_size: str, smoke: bool) -> dict[str, Path]:
     dnabert_s = workdir / "dnabert_s_random"
     if not esm2.exists():
         layers, width, heads = (2, 64, 4) if smoke else ESM2_SIZES[esm2_size]
-        write_tiny_checkpoint(esm2, num_layers=layers, embed_dim=width, attention_heads=heads)
+        write_tiny_checkpoint(esm2, num_layers=layers, embed_dim=width, attention_heads=heads,
+                              dtype=torch.float32 if smoke else torch.float16)
     if not (dnabert_s / "model.safetensors").exists():
         shape = dict(hidden=64, layers=2, heads=4, intermediate=128) if smoke else \
             dict(hidden=768, layers=12, heads=12, intermediate=3072)
@@ -74,6 +77,8 @@ def main() -> None:
     parser.add_argument("--first-gpu", type=int, default=0,
                         help="Use GPUs first-gpu, first-gpu + 1, ...: two invocations on disjoint GPUs can run at once.")
     parser.add_argument("--prepare-only", action="store_true", help="Write the models and reads, then stop.")
+    parser.add_argument("--until", default="virnucpro_predictions",
+                        help="Last stage of each timed run (`vnp run --until`): 'embeddings' keeps a long run in one call.")
     parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU, one shard: checks the script only.")
     args = parser.parse_args()
 
@@ -88,7 +93,7 @@ def main() -> None:
         write_reads(args.workdir, args.reads)
         return
     if args.warmup_reads:
-        warmup = run_sample(write_reads(args.workdir, args.warmup_reads), shards=1, dtype=dtype,
+        warmup = run_sample(write_reads(args.workdir, args.warmup_reads), shards=1, dtype=dtype, until="embeddings",
                             home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0], **models)
         print(f"warm-up (untimed):\n{warmup.summary()}", flush=True)
     reads = write_reads(args.workdir, args.reads)
@@ -102,12 +107,33 @@ def main() -> None:
     for count in [int(c) for c in args.gpus.split(",")]:
         home = args.workdir / f"home_{count}gpu_{time.time_ns()}"
         devices = None if args.smoke else list(range(args.first_gpu, args.first_gpu + count))
-        run = run_sample(reads, shards=count, home=home, devices=devices, dtype=dtype, **models)
+        run = run_sample(reads, shards=count, home=home, devices=devices, dtype=dtype, until=args.until, **models)
         results["runs"][str(count)] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values()),
-                                       "devices": devices, "command": " ".join(sys.argv)}
+                                       "until": args.until, "devices": devices, "command": " ".join(sys.argv),
+                                       "shards": shard_metadata(home)}
         print(run.summary(), flush=True)
         write_results(results, args.out)
     print_table(results)
+
+
+def shard_metadata(home: Path) -> dict[str, dict]:
+    """What each embedding step recorded (tokens/s, model load, how long the device waited, first pack)."""
+    from dagster import AssetKey, AssetRecordsFilter
+
+    from vnp_assets.run_sample import local_instance
+
+    shards = {}
+    with local_instance(home) as instance:
+        for kind in ("dnabert_s", "esm2"):
+            records = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(f"{kind}_embeddings")),
+                                                      limit=100).records
+            for record in records:
+                metadata = record.asset_materialization.metadata
+                shards[f"{kind} {record.asset_materialization.partition}"] = {
+                    key: metadata[key].value for key in ("rows", "tokens", "seconds", "tokens_per_s", "model_load_seconds",
+                                                         "device_waited_seconds", "first_pack_seconds", "device")
+                    if key in metadata}
+    return shards
 
 
 def write_results(results: dict, out: Path) -> None:

@@ -1,9 +1,10 @@
-"""A stand-in for `vnp_core.engine.embed_shard` (as the embedding assets call it), for the asset tests.
+"""A stand-in for `vnp_core.engine.embed_shards` (as the embedding step calls it), for the asset tests.
 
-It runs where the real one runs (in the device process) but loads no model and imports no torch,
-so a test step costs a process start, not a model load. It notes the CUDA_VISIBLE_DEVICES it was
-started with and when it ran, and obeys marker files beside its output: `<out>.kill` (SIGKILL
-itself, once) and `<out>.nan` (write a NaN).
+It runs where the real one runs (in the device process) and reads its rows as the real one does,
+but loads no model and imports no torch, so a test step costs a process start, not a model load.
+It notes the CUDA_VISIBLE_DEVICES it was started with and when it ran, and obeys marker files
+beside each output: `<out>.kill` (SIGKILL itself, once), `<out>.nan` (write a NaN) and `<out>.fail`
+(that job raises; the others go on, as in the engine).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -34,7 +34,7 @@ class FakeProgress:
 
 @dataclass
 class FakeEmbedStats:
-    """The fields of `vnp_core.engine.EmbedStats` that the asset reads."""
+    """The fields of `vnp_core.engine.EmbedStats` that the step reads."""
 
     sequences: int
     dtype: str
@@ -46,27 +46,34 @@ class FakeEmbedStats:
     max_tokens: int = 0
     resumed_from_rows: int = 0
     load_seconds: float = 0.0
+    waited_seconds: float = 0.0
     first_pack_seconds: float = 0.0
 
     def summary(self) -> str:
         return f"fake: {self.sequences} sequences"
 
 
-def fake_embed_shard(kind: str, model_path: Path, ids: list[str], sequences: list[str], out: Path, config, attrs: dict,
-                     progress) -> FakeEmbedStats:
+def fake_embed_shards(jobs, progress) -> list:
     started = time.time()
-    if out.with_suffix(".kill").exists():
-        out.with_suffix(".kill").unlink()
-        os.kill(os.getpid(), signal.SIGKILL)
-    progress(FakeProgress(len(ids) // 2, len(ids), 100, 0.1, 0))
-    time.sleep(0.3)  # long enough for concurrent steps to overlap, were they not kept apart by leases
-    vectors = np.ones((len(ids), WIDTH), dtype=np.float32)
-    if out.with_suffix(".nan").exists():
-        vectors[0, 0] = np.nan
-    with h5py.File(out, "w") as f:
-        f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("embeddings", data=vectors)
-        f.attrs.update({"kind": kind, "dtype": config.dtype, **attrs})
-    out.with_suffix(".device.json").write_text(json.dumps(
-        {"visible": os.environ["CUDA_VISIBLE_DEVICES"], "start": started, "end": time.time()}))
-    return FakeEmbedStats(len(ids), config.dtype)
+    outcomes = []
+    for job in jobs:
+        ids, _ = job.rows()
+        if job.out.with_suffix(".kill").exists():
+            job.out.with_suffix(".kill").unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if job.out.with_suffix(".fail").exists():
+            outcomes.append(RuntimeError(f"{job.kind} failed on purpose"))
+            continue
+        progress(job.kind, FakeProgress(len(ids) // 2, len(ids), 100, 0.1, 0))
+        time.sleep(0.3)  # long enough for concurrent steps to overlap, were they not kept apart by leases
+        vectors = np.ones((len(ids), WIDTH), dtype=np.float32)
+        if job.out.with_suffix(".nan").exists():
+            vectors[0, 0] = np.nan
+        with h5py.File(job.out, "w") as f:
+            f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset("embeddings", data=vectors)
+            f.attrs.update({"kind": job.kind, "dtype": job.config.dtype, **job.attrs})
+        job.out.with_suffix(".device.json").write_text(json.dumps(
+            {"visible": os.environ["CUDA_VISIBLE_DEVICES"], "start": started, "end": time.time()}))
+        outcomes.append(FakeEmbedStats(len(ids), job.config.dtype))
+    return outcomes

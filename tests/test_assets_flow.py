@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from vnp_assets.assets import build_assets
 from vnp_assets.definitions import build_definitions
 from vnp_assets.resources import VnpSettings
+from vnp_assets.run_sample import run_sample
 from vnp_assets.sensors import fasta_inbox_sensor
 from vnp_core.cli import app
 
@@ -37,18 +38,31 @@ def test_a_dropped_fasta_flows_through_sensor_and_automation_to_predictions(
 
     materialized = []
     while requested:
-        for key, partition in requested:
-            materialize(assets, selection=[key], partition_key=partition, resources={"vnp": settings}, instance=instance)
-            materialized.append((key.to_user_string(), partition))
+        for partition in dict.fromkeys(partition for _, partition in requested):  # one run per partition, as the daemon
+            keys = [key for key, requested_partition in requested if requested_partition == partition]
+            materialize(assets, selection=keys, partition_key=partition, resources={"vnp": settings}, instance=instance)
+            materialized.append({key.to_user_string() for key in keys})
         automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
-        requested = [(asset.key, partition) for asset in assets for key in [asset.key]
+        requested = [(key, partition) for asset in assets for key in asset.keys
                      for partition in sorted(automation.get_requested_partitions(key))]
 
-    assert [asset for asset, _ in materialized] == [
-        "sequence_index", "esm2_embeddings", "dnabert_s_embeddings", "merged_embeddings", "fp16_validation_report",
-        "virnucpro_predictions"]
+    assert materialized == [{"sequence_index"}, {"esm2_embeddings", "dnabert_s_embeddings"},
+                            {"merged_embeddings", "fp16_validation_report"}, {"virnucpro_predictions"}]
     predictions = settings.sample_layout("flu_sample").predictions_dir
     assert (predictions / "prediction_results.txt").read_text().startswith("Sequence_ID\tPrediction\tscore1\tscore2\n")
+
+
+def test_vnp_run_until_embeddings_stops_after_the_shards(tmp_path: Path) -> None:
+    fasta = tmp_path / "flu.fasta"
+    shutil.copyfile(FLU, fasta)
+    run = run_sample(fasta, home=tmp_path / "home", shards=2, until="embeddings")
+    assert list(run.stage_seconds) == ["sequence_index", "embeddings (2 steps of 2 models)"]
+    sample = tmp_path / "home" / "storage" / "samples" / "flu"
+    assert run.outputs["embedding shards"] == sample / "embeddings" and "merged embeddings" not in run.outputs
+    assert sorted(str(path.relative_to(sample / "embeddings")) for path in (sample / "embeddings").rglob("*.h5")) == [
+        f"{model}/shard-{shard}.h5" for model in ("dnabert_s", "esm2") for shard in (0, 1)]
+    with pytest.raises(ValueError, match="until='merge'"):
+        run_sample(fasta, home=tmp_path / "home", until="merge")
 
 
 @pytest.mark.slow

@@ -33,6 +33,9 @@ def test_definitions_hold_every_asset_check_and_sensor() -> None:
     assert {sensor.name for sensor in defs.sensors} == {"fasta_inbox_sensor", "vnp_automation"}
     gpu_steps = {key.to_user_string() for key in graph.get_all_asset_keys() if graph.get(key).pools == {"gpu"}}
     assert gpu_steps == {"esm2_embeddings", "dnabert_s_embeddings", "fp16_validation_report"}
+    # Both models' shards come from one step, which can still run for one of them alone.
+    shard_step = defs.get_assets_def(AssetKey("esm2_embeddings"))
+    assert shard_step is defs.get_assets_def(AssetKey("dnabert_s_embeddings")) and shard_step.can_subset
     # Without GPUs and without a shard count, there is one shard per model.
     assert defs.resources["vnp"].num_shards == 1
 

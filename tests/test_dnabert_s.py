@@ -223,10 +223,10 @@ def test_batch_encoding_matches_one_by_one_and_names_an_empty_record(tiny, chunk
     tokenizer = DnabertSTokenizer(tiny / "tokenizer.json")
     monkeypatch.setattr(dnabert_s, "_ENCODE_BLOCK", 3)  # several blocks, the last one partial
     sequences = [s.lower() if i % 2 else s for i, s in enumerate(chunks[:5])]
-    encoded, truncated = tokenizer.encode_many(sequences, [f"r{i}" for i in range(5)])
-    assert truncated == 0 and len(encoded) == 5
-    for ids, sequence in zip(encoded, sequences):
-        np.testing.assert_array_equal(ids, tokenizer.encode(sequence, "r")[0])
+    encoded = tokenizer.encode_many(sequences, [f"r{i}" for i in range(5)])
+    assert encoded.truncated == 0 and len(encoded) == 5
+    for i, sequence in enumerate(sequences):
+        np.testing.assert_array_equal(encoded.sequence(i), tokenizer.encode(sequence, "r")[0])
     for empty_at in (0, 4):
         ids = [f"r{i}" for i in range(5)]
         with pytest.raises(ValueError, match=f"'r{empty_at}': empty nucleotide"):

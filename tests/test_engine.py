@@ -17,13 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-from vnp_core.config import EmbedConfig
+from vnp_core.config import EmbedConfig, ShardJob
 from vnp_core.engine import (
     CPU_MAX_TOKENS,
     NonFiniteEmbeddingError,
     TokenizationError,
     embed_fasta_to_hdf5,
     embed_sequences,
+    embed_shards,
     load_model,
 )
 from vnp_core.fasta import FastaError
@@ -282,3 +283,61 @@ def test_embed_fasta_rejects_a_bad_protein_naming_file_and_record(tmp_path):
     with pytest.raises(FastaError, match=r"proteins\.faa.*'soft_masked'.*'v'"):
         embed_fasta_to_hdf5("esm2", fasta, checkpoint, tmp_path / "shard.h5", EmbedConfig(num_workers=0))
     assert not (tmp_path / "shard.h5").exists()
+
+
+@dataclass
+class RecordedRows:
+    """A job's row reader that notes when it was called."""
+
+    ids: list[str]
+    sequences: list[str]
+    calls: list[float]
+
+    def __call__(self) -> tuple[list[str], list[str]]:
+        self.calls.append(time.perf_counter())
+        return self.ids, self.sequences
+
+
+def test_embed_shards_runs_each_job_and_prepares_the_next_while_one_computes(tmp_path):
+    from vnp_core.models.dnabert_s import write_tiny_model
+    from vnp_core.models.esm2 import write_tiny_checkpoint
+
+    esm2, dnabert_s = write_tiny_checkpoint(tmp_path / "esm2_tiny.pt"), write_tiny_model(tmp_path / "dnabert_s_tiny")
+    genome = "".join(line.strip() for line in (REAL_DATA / "phiX174.fasta").read_text().splitlines()[1:])
+    chunk_ids = [f"phiX_{start}" for start in range(0, len(genome), 20)]
+    chunks = [genome[start : start + 150] for start in range(0, len(genome), 20)]
+    protein_ids, protein_sequences = proteins(40)
+    dnabert_rows, esm2_rows = RecordedRows(chunk_ids, chunks, []), RecordedRows(protein_ids, protein_sequences, [])
+    small_packs = EmbedConfig(max_tokens=64)  # one sequence a pack: DNABERT-S computes for a while
+    jobs = [ShardJob("dnabert_s", dnabert_s, dnabert_rows, tmp_path / "dnabert_s.h5", small_packs, {"shard": 0}),
+            ShardJob("esm2", esm2, esm2_rows, tmp_path / "esm2.h5", small_packs, {"shard": 0})]
+    reports: list[tuple[str, int, float]] = []
+
+    outcomes = embed_shards(jobs, lambda kind, progress: reports.append((kind, progress.sequences_done, time.perf_counter())))
+
+    assert [stats.sequences for stats in outcomes] == [len(chunks), len(protein_ids)]
+    assert all(stats.load_seconds > 0 for stats in outcomes)
+    for job, ids, sequences in ((jobs[0], chunk_ids, chunks), (jobs[1], protein_ids, protein_sequences)):
+        alone = tmp_path / f"{job.kind}_alone.h5"
+        embed_sequences(load_model(job.kind, job.model_path, small_packs), ids, sequences, alone, small_packs)
+        written = read_embeddings(job.out)
+        assert written.ids == ids and written.attrs["shard"] == 0
+        np.testing.assert_array_equal(written.embeddings, read_embeddings(alone).embeddings)
+    # ESM-2's rows were read (and its model loaded) while DNABERT-S was still computing.
+    dnabert_s_finished = max(at for kind, _, at in reports if kind == "dnabert_s")
+    assert esm2_rows.calls[0] < dnabert_s_finished < min(at for kind, _, at in reports if kind == "esm2")
+
+
+def test_embed_shards_returns_a_failed_job_in_its_place_and_runs_the_others(tmp_path):
+    from vnp_core.models.esm2 import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "esm2_tiny.pt")
+    ids, sequences = proteins(10)
+    bad = RecordedRows(["p0", "p1"], ["MKV", "MKJV"], [])
+    good = RecordedRows(ids, sequences, [])
+    outcomes = embed_shards([ShardJob("esm2", checkpoint, bad, tmp_path / "bad.h5", config()),
+                             ShardJob("esm2", checkpoint, good, tmp_path / "good.h5", config())])
+    assert isinstance(outcomes[0], TokenizationError) and "'p1'" in str(outcomes[0])
+    assert any("bad.h5" in note for note in outcomes[0].__notes__)
+    assert not (tmp_path / "bad.h5").exists()
+    assert outcomes[1].sequences == 10 and read_embeddings(tmp_path / "good.h5").ids == ids

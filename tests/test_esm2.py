@@ -109,6 +109,19 @@ def test_empty_sequence_is_an_error():
         ESM2Tokenizer().encode("", "p1")
 
 
+def test_encode_many_matches_encode_and_names_the_first_bad_record():
+    tokenizer = ESM2Tokenizer(max_residues=6)
+    sequences = [*SEQUENCES, "MKVLAGVS", "Q", "MKVLAG"]  # truncated, one residue, exactly at the limit
+    encoded = tokenizer.encode_many(sequences, [f"r{i}" for i in range(len(sequences))])
+    one_by_one = [tokenizer.encode(sequence, "r") for sequence in sequences]
+    assert encoded.truncated == sum(truncated for _, truncated in one_by_one)
+    for i, (ids, _) in enumerate(one_by_one):
+        assert encoded.sequence(i).tolist() == ids.tolist()
+    for bad, message in ((["MKV", "MKéV", ""], "'r1'.*'é'.*position 3"), (["MKV", "", "MKJ"], "'r1'.*empty")):
+        with pytest.raises(ValueError, match=message):
+            tokenizer.encode_many(bad, ["r0", "r1", "r2"])
+
+
 def test_tokenizer_pickles():
     tokenizer = pickle.loads(pickle.dumps(ESM2Tokenizer(max_residues=7)))
     assert tokenizer.encode("MKVLAGVS", "r")[1] and len(tokenizer.encode("MKVLAGVS", "r")[0]) == 9

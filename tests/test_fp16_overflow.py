@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, materialize
-from fake_embedder import fake_embed_shard
+from fake_embedder import fake_embed_shards
 
 import vnp_assets.assets.embeddings as embeddings_module
 from vnp_assets.assets import build_assets
@@ -108,11 +108,11 @@ def test_a_float16_overflow_fails_its_shard_and_nothing_downstream_runs(
     defs = build_definitions(settings)
     automation = evaluate_automation_conditions(defs, instance=instance)  # a tick before, as the sensor ticks on
     with monkeypatch.context() as patch:
-        patch.setattr(embeddings_module, "embed_shard", fake_embed_shard)  # DNABERT-S is not under test here
+        patch.setattr(embeddings_module, "embed_shards", fake_embed_shards)  # DNABERT-S is not under test here
         assert run("dnabert_s_embeddings", shard).success
 
     failed = run("esm2_embeddings", shard)  # the real engine, in its device process
-    assert not failed.success and failed.asset_materializations_for_node("esm2_embeddings") == []
+    assert not failed.success and failed.get_asset_materialization_events() == []
     error = failed.get_step_failure_events()[0].step_failure_data.error.cause
     assert error.cls_name == "NonFiniteEmbeddingError"
     assert named_ids(error.message, phix_frames["frame_id"].to_list()) == overflowing_frames(phix_frames)
@@ -122,7 +122,7 @@ def test_a_float16_overflow_fails_its_shard_and_nothing_downstream_runs(
     assert {asset: automation.get_num_requested(AssetKey(asset)) for asset in DOWNSTREAM} == dict.fromkeys(DOWNSTREAM, 0)
 
     # Once the shard is written (here by the stand-in), the sample flows on: the failure was what held it.
-    monkeypatch.setattr(embeddings_module, "embed_shard", fake_embed_shard)
+    monkeypatch.setattr(embeddings_module, "embed_shards", fake_embed_shards)
     assert run("esm2_embeddings", shard).success
     automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     assert automation.get_requested_partitions(AssetKey("merged_embeddings")) == {"phix"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 from dagster import AssetCheckResult, AssetCheckSpec, AssetKey, AutomationCondition
 
 # Downstream assets run when their inputs change, but never on top of a failed blocking check
@@ -23,19 +22,19 @@ def shard_check_specs(asset_key: AssetKey) -> list[AssetCheckSpec]:
     ]
 
 
-def shard_check_results(path: Path, expected_rows: int) -> list[AssetCheckResult]:
+def shard_check_results(asset_key: AssetKey, path: Path, expected_rows: int) -> list[AssetCheckResult]:
     """Reads the written shard back: what is checked is the file downstream steps will read."""
-    from vnp_core.store import describe_ids, read_embeddings
+    from vnp_core.store import describe_ids, nonfinite_rows, read_ids
 
-    shard = read_embeddings(path)
-    nonfinite = [shard.ids[row] for row in np.flatnonzero(~np.isfinite(shard.embeddings).all(axis=1))]
-    duplicated = [record_id for record_id, count in Counter(shard.ids).items() if count > 1]
+    ids = read_ids(path)
+    nonfinite = [ids[row] for row in nonfinite_rows(path)]
+    duplicated = [record_id for record_id, count in Counter(ids).items() if count > 1]
     return [
-        AssetCheckResult(check_name="embeddings_finite", passed=not nonfinite,
+        AssetCheckResult(asset_key=asset_key, check_name="embeddings_finite", passed=not nonfinite,
                          metadata={"nonfinite_rows": len(nonfinite), "examples": describe_ids(nonfinite)}),
-        AssetCheckResult(check_name="rows_match_index", passed=len(shard.ids) == expected_rows,
-                         metadata={"rows": len(shard.ids), "index_rows": expected_rows}),
-        AssetCheckResult(check_name="ids_unique", passed=not duplicated,
+        AssetCheckResult(asset_key=asset_key, check_name="rows_match_index", passed=len(ids) == expected_rows,
+                         metadata={"rows": len(ids), "index_rows": expected_rows}),
+        AssetCheckResult(asset_key=asset_key, check_name="ids_unique", passed=not duplicated,
                          metadata={"duplicated_ids": len(duplicated), "examples": describe_ids(duplicated)}),
     ]
 

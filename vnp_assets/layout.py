@@ -31,12 +31,16 @@ class SampleLayout:
     def index(self) -> Path:
         return self.root / "index.parquet"
 
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings"
+
     def embeddings(self, model: str, shard: int) -> Path:
-        return self.root / "embeddings" / model / f"shard-{shard}.h5"
+        return self.embeddings_dir / model / f"shard-{shard}.h5"
 
     @property
     def merged(self) -> Path:
-        return self.root / "embeddings" / "merged.h5"
+        return self.embeddings_dir / "merged.h5"
 
     @property
     def report_dir(self) -> Path:

@@ -1,8 +1,9 @@
 """The device process's progress, in the Dagster run log.
 
-The engine reports progress through a callback. In the device process that callback keeps the
-latest report in a small JSON file; the step waits for the device process on a thread and logs
-the file's report every `LOG_EVERY_S` seconds (a callback cannot reach `context.log` across processes).
+The engine reports progress through a callback, per model. In the device process that callback
+keeps each model's latest report in a small JSON file; the step waits for the device process on a
+thread and logs the reports that changed every `LOG_EVERY_S` seconds (a callback cannot reach
+`context.log` across processes).
 """
 
 from __future__ import annotations
@@ -22,38 +23,45 @@ WRITE_EVERY_S = 1.0
 
 
 @dataclass
-class ProgressFile:
-    """The engine's progress callback inside the device process (picklable: it is only a path)."""
+class ProgressFiles:
+    """The engine's `progress(kind, report)` inside the device process (picklable: it is only a folder)."""
 
-    path: Path
-    _last_write: float = field(default=0.0, repr=False)
+    folder: Path
+    _last_write: dict[str, float] = field(default_factory=dict, repr=False)
+    _logged: dict[str, str] = field(default_factory=dict, repr=False)
 
-    def __call__(self, progress) -> None:
+    def __call__(self, kind: str, progress) -> None:
         finished = progress.sequences_done == progress.sequences_total
-        if finished or time.monotonic() - self._last_write >= WRITE_EVERY_S:
-            temporary = self.path.with_suffix(".tmp")
+        if finished or time.monotonic() - self._last_write.get(kind, 0.0) >= WRITE_EVERY_S:
+            path = self.folder / f"{kind}.json"
+            temporary = path.with_suffix(".tmp")
             temporary.write_text(json.dumps(asdict(progress)))
-            temporary.replace(self.path)
-            self._last_write = time.monotonic()
+            temporary.replace(path)
+            self._last_write[kind] = time.monotonic()
 
-    def describe(self) -> str | None:
+    def new_reports(self) -> list[str]:
+        """One line per model whose report changed since the last call."""
         from vnp_core.engine import Progress
 
-        if not self.path.exists():
-            return None
-        progress = Progress(**json.loads(self.path.read_text()))
-        return (f"{progress.sequences_done:,}/{progress.sequences_total:,} sequences, "
-                f"{progress.sequences_per_s:,.1f} sequences/s, {progress.tokens_per_s:,.0f} tokens/s")
+        lines = []
+        for path in sorted(self.folder.glob("*.json")):
+            progress = Progress(**json.loads(path.read_text()))
+            line = (f"{path.stem}: {progress.sequences_done:,}/{progress.sequences_total:,} sequences, "
+                    f"{progress.sequences_per_s:,.1f} sequences/s, {progress.tokens_per_s:,.0f} tokens/s")
+            if self._logged.get(path.stem) != line:
+                lines.append(line)
+                self._logged[path.stem] = line
+        return lines
 
 
 def run_logging_progress(log: Logger, fn: Callable[..., Any], *args, device: int | None, **kwargs) -> Any:
-    """`run_in_device_process(fn, *args, progress=<a ProgressFile>, ...)`, logging its progress while it runs."""
+    """`run_in_device_process(fn, *args, progress=<ProgressFiles>, ...)`, logging its progress while it runs."""
     from vnp_core.gpu import run_in_device_process
 
     with tempfile.TemporaryDirectory(prefix="vnp-progress-") as tmp, ThreadPoolExecutor(1) as pool:
-        progress = ProgressFile(Path(tmp) / "progress.json")
+        progress = ProgressFiles(Path(tmp))
         result = pool.submit(run_in_device_process, fn, *args, device=device, progress=progress, **kwargs)
         while not wait([result], timeout=LOG_EVERY_S).done:
-            if (report := progress.describe()) is not None:
-                log.info(report)
+            for line in progress.new_reports():
+                log.info(line)
         return result.result()

@@ -2,9 +2,10 @@
 
 No daemon and no web server: the steps are materialized here, in graph order, and recorded in the
 instance at `home` (SQLite), so `DAGSTER_HOME=<home> dagster dev` shows their runs, metadata and
-checks afterwards. The embedding steps (every shard of both models) run side by side, one process
+checks afterwards. The embedding steps (one per shard, both models) run side by side, one process
 each, as many at once as there are usable GPUs (one on a CPU-only host); each step still takes its
 own GPU lease. Processes rather than threads: Dagster's in-process execution is not thread-safe.
+Those processes start while the index is built, so their imports are paid before the GPUs wait.
 """
 
 from __future__ import annotations
@@ -12,21 +13,24 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import DagsterInstance, materialize
 
 from vnp_assets.assets import build_assets
+from vnp_assets.assets.embeddings import MODELS
 from vnp_assets.partitions import sample_shard_key
 from vnp_assets.resources import VnpSettings
 from vnp_assets.samples import register_sample, sample_name
 
 INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
-MODELS = ("esm2", "dnabert_s")
 # Step progress and warnings on the terminal; Dagster's DEBUG events stay in the instance's event log.
+# What `vnp run` materializes, in order; `until` stops after one of them ("embeddings": every shard).
+STAGES = ("sequence_index", "embeddings", "merged_embeddings", "fp16_validation_report", "virnucpro_predictions")
 CONSOLE_AT_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
@@ -55,8 +59,11 @@ class SampleRun:
 def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = None, home: Path = Path("vnp_home"),
                esm2_model: Path | None = None, dnabert_s_model: Path | None = None, classifier: Path | None = None,
                trust_classifier_pickle: bool = False, dtype: str | None = None,
-               devices: Sequence[int] | None = None) -> SampleRun:
-    """Materializes `input` as one sample up to its predictions, on `devices` (default: every GPU, or the CPU)."""
+               devices: Sequence[int] | None = None, until: str = "virnucpro_predictions") -> SampleRun:
+    """Materializes `input` as one sample up to the stage `until` (one of `STAGES`), on `devices` (default:
+    every GPU, or the CPU)."""
+    if until not in STAGES:
+        raise ValueError(f"until={until!r}: expected one of {', '.join(STAGES)}")
     input, home = Path(input), Path(home).resolve()
     name = sample_name(input.name)
     if name is None:
@@ -88,14 +95,19 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         materialize(assets, selection=[asset], partition_key=sample, resources={"vnp": settings}, instance=instance,
                     run_config=CONSOLE_AT_INFO)
 
-    stage("sequence_index", materialize_sample, "sequence_index")
-    stage(f"embeddings ({len(MODELS) * settings.num_shards} steps)", embed_all_shards, home, settings, sample)
-    for asset in ("merged_embeddings", "fp16_validation_report", "virnucpro_predictions"):
+    with shard_workers(settings) as workers:
+        stage("sequence_index", materialize_sample, "sequence_index")
+        if until != "sequence_index":
+            stage(f"embeddings ({settings.num_shards} steps of {len(MODELS)} models)", embed_all_shards, workers, home,
+                  settings, sample)
+    for asset in STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]:
         stage(asset, materialize_sample, asset)
 
     layout = settings.sample_layout(sample)
-    run.outputs = {"prep files": layout.prep_dir, "index": layout.index, "merged embeddings": layout.merged,
-                   "validation report": layout.report_dir, "predictions": layout.predictions_dir}
+    outputs = {"prep files": layout.prep_dir, "index": layout.index, "embedding shards": layout.embeddings_dir,
+               "merged embeddings": layout.merged, "validation report": layout.report_dir,
+               "predictions": layout.predictions_dir}
+    run.outputs = {label: path for label, path in outputs.items() if path.exists()}  # those the stages run made
     return run
 
 
@@ -107,27 +119,38 @@ def local_instance(home: Path) -> DagsterInstance:
     return DagsterInstance.from_config(str(home))
 
 
-def embed_all_shards(home: Path, settings: VnpSettings, sample: str) -> None:
-    steps = [(kind, shard) for kind in MODELS for shard in range(settings.num_shards)]
+@contextmanager
+def shard_workers(settings: VnpSettings) -> Iterator[ProcessPoolExecutor]:
+    """One worker process per usable GPU (one without GPUs), started now and importing the asset code."""
     workers = max(1, len(settings.usable_devices()))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        outcomes = [pool.submit(materialize_shard, str(home), settings.model_dump(), sample, kind, shard)
-                    for kind, shard in steps]
-        failures = [failure for outcome in outcomes if (failure := outcome.result()) is not None]
-    if failures:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_import_step_code) as pool:
+        for _ in range(workers):
+            pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
+        yield pool
+
+
+def _import_step_code() -> None:
+    import vnp_assets.assets  # noqa: F401 - Dagster and the asset definitions, imported once per worker
+
+
+def embed_all_shards(workers: ProcessPoolExecutor, home: Path, settings: VnpSettings, sample: str) -> None:
+    outcomes = [workers.submit(materialize_shard, str(home), settings.model_dump(), sample, shard)
+                for shard in range(settings.num_shards)]
+    if failures := [failure for outcome in outcomes if (failure := outcome.result()) is not None]:
         raise RuntimeError("embedding steps failed (rerun `vnp run`: finished shards are kept):\n" + "\n".join(failures))
 
 
-def materialize_shard(home: str, settings: dict, sample: str, kind: str, shard: int) -> str | None:
-    """In a worker process: one embedding step, recorded in the instance at `home`. Its error text if it failed."""
+def materialize_shard(home: str, settings: dict, sample: str, shard: int, models: Sequence[str] = MODELS) -> str | None:
+    """In a worker process: one shard's embedding step, recorded in the instance at `home`. Its error text if it failed."""
     vnp = VnpSettings(**settings)
-    result = materialize(build_assets(vnp.num_shards), selection=[f"{kind}_embeddings"],
+    result = materialize(build_assets(vnp.num_shards), selection=[f"{kind}_embeddings" for kind in models],
                          partition_key=sample_shard_key(sample, shard), resources={"vnp": vnp},
                          instance=DagsterInstance.from_config(home), run_config=CONSOLE_AT_INFO, raise_on_error=False)
     if result.success:
         return None
     errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
-    return f"{kind} shard {shard} of {sample}: " + "\n".join(errors)
+    return f"shard {shard} of {sample}: " + "\n".join(errors)
 
 
 def _optional_str(path: Path | None) -> str | None:

@@ -143,6 +143,7 @@ def run(
     trust_classifier_pickle: Annotated[bool, typer.Option("--trust-classifier-pickle", help="Allow a pickled whole-module classifier (runs code from the file).")] = False,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU).")] = None,
     devices: Annotated[Optional[str], typer.Option("--devices", help="Physical GPU ids to use, e.g. 2,3 (default: every GPU).")] = None,
+    until: Annotated[str, typer.Option("--until", help="Stop after this stage: sequence_index, embeddings, merged_embeddings, fp16_validation_report or virnucpro_predictions.")] = "virnucpro_predictions",
 ) -> None:
     """Materialize one sample through the Dagster asset graph on a local persistent instance."""
     # Dagster only here: the rest of vnp_core never imports it.
@@ -152,7 +153,8 @@ def run(
         gpu_ids = None if devices is None else [int(d) for d in devices.split(",") if d.strip()]
         sample_run = run_sample(input, chunk_length=chunk_length, shards=shards, home=home, esm2_model=esm2_model,
                                 dnabert_s_model=dnabert_s_model, classifier=classifier,
-                                trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, devices=gpu_ids)
+                                trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, devices=gpu_ids,
+                                until=until)
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
     typer.echo(sample_run.summary())

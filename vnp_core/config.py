@@ -5,6 +5,7 @@ The CLI and the Dagster resources build these objects; library functions take th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,18 @@ class EmbedConfig:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One model over one shard, as a device process is asked to run it (`vnp_core.engine.embed_shards`)."""
+
+    kind: Literal["esm2", "dnabert_s"]
+    model_path: Path
+    rows: Callable[[], tuple[list[str], list[str]]]  # picklable; (ids, sequences), read where the job runs
+    out: Path
+    config: EmbedConfig
+    attrs: dict = field(default_factory=dict)  # written into the shard beside the model's own
 
 
 @dataclass(frozen=True)

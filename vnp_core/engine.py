@@ -1,9 +1,13 @@
 """The inference engine: one loop that drives either model over a shard of sequences.
 
-Data path, top to bottom: tokenise (in worker processes) -> plan token-budget packs -> for each
-pack: pinned host batch -> asynchronous copy -> packed forward (halved and retried on out of
-memory) -> finite check on the device -> results read back once the compute has finished ->
-checkpoint writer thread -> count in == count out checked -> atomic rename to the shard.
+Data path, top to bottom: tokenise -> plan token-budget packs -> for each pack: pinned host batch
+-> asynchronous copy -> packed forward (halved and retried on out of memory) -> finite check on the
+device -> results read back once the compute has finished -> checkpoint writer thread -> count in ==
+count out checked -> atomic rename to the shard.
+
+A device process runs a list of `ShardJob`s (both models over one shard) with `embed_shards`: while
+one job computes, the next job's rows are read, tokenised, its model loaded and compiled on a thread,
+so the device waits only for the first job's preparation.
 
 A killed run resumes from its last durable checkpoint. Packs are planned greedily in input order,
 so planning again from a checkpoint (always a pack boundary) with the same budget reproduces the
@@ -16,7 +20,8 @@ import hashlib
 import logging
 import multiprocessing
 import time
-from collections import Counter
+import traceback
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,10 +33,10 @@ import numpy as np
 import torch
 
 from vnp_core import __version__
-from vnp_core.config import EmbedConfig
+from vnp_core.config import EmbedConfig, ShardJob
 from vnp_core.fasta import NUCLEOTIDE_LETTERS, FastaError, read_fasta
-from vnp_core.models import LoadedModel, SequenceTokenizer
-from vnp_core.packing import PackedBatch, make_batch, plan_packs, split_batch
+from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized
+from vnp_core.packing import PackedBatch, plan_packs, split_batch
 from vnp_core.store import ShardCheckpoint, describe_ids, read_attrs
 
 log = logging.getLogger(__name__)
@@ -87,9 +92,11 @@ class EmbedStats:
     attention_backend: str
     max_tokens: int
     resumed_from_rows: int  # rows taken from a checkpoint or an already complete shard
-    # Where a shard's fixed cost goes: loading the model, and reaching the first finished pack
-    # (tokenising, the first pack's compilation by torch.compile, its compute).
+    # Where a shard's fixed cost goes: loading the model; how long the device waited for the job's
+    # preparation (rows, tokens, model, compilation; 0 when it overlapped the previous job); and
+    # the first finished pack, counted from the start of the job's device loop.
     load_seconds: float = 0.0
+    waited_seconds: float = 0.0
     first_pack_seconds: float = 0.0
 
     def summary(self) -> str:
@@ -104,8 +111,10 @@ class EmbedStats:
             text += f"; resumed after {self.resumed_from_rows:,} checkpointed rows"
         if self.load_seconds:
             text += f"; model loaded in {self.load_seconds:.1f} s"
+        if self.waited_seconds:
+            text += f"; the device waited {self.waited_seconds:.1f} s for the rows, tokens and model"
         if self.first_pack_seconds:
-            text += f"; first pack done after {self.first_pack_seconds:.1f} s (tokenising and compiling included)"
+            text += f"; first pack done after {self.first_pack_seconds:.1f} s"
         if self.truncated:
             text += f"; {self.truncated:,} inputs truncated"
         return text
@@ -123,15 +132,69 @@ def load_model(kind: str, path: Path, config: EmbedConfig) -> LoadedModel:
     raise ValueError(f"unknown model kind {kind!r}: expected 'esm2' or 'dnabert_s'")
 
 
-def embed_shard(kind: str, model_path: Path, ids: Sequence[str], sequences: Sequence[str], out: Path,
-                config: EmbedConfig, attrs: dict | None = None,
-                progress: Callable[[Progress], None] | None = None) -> EmbedStats:
-    """One model over one shard, as a device process runs it: the model is loaded where it runs."""
+@dataclass
+class _PreparedJob:
+    job: ShardJob
+    model: LoadedModel
+    ids: list[str]
+    tokenized: Tokenized
+    load_seconds: float
+
+
+def embed_shards(jobs: Sequence[ShardJob],
+                 progress: Callable[[str, Progress], None] | None = None) -> list[EmbedStats | Exception]:
+    """Each job in turn on this process's device; `progress(kind, report)` as they go.
+
+    The next job is prepared on a thread while the current one computes. A failed job does not stop
+    the others: its exception is returned in its place, so the caller keeps every finished shard.
+    """
+    outcomes: list[EmbedStats | Exception] = []
+    # One thread prepares the jobs in order, so each is prepared while the one before it computes.
+    with ThreadPoolExecutor(1, thread_name_prefix="vnp-prepare") as preparer:
+        preparing = deque(preparer.submit(prepare_job, job) for job in jobs)
+        for job in jobs:
+            waiting = time.perf_counter()
+            try:
+                ready = preparing.popleft().result()
+                waited = time.perf_counter() - waiting
+                report = None if progress is None else partial(progress, job.kind)
+                stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
+                                        attrs=job.attrs, progress=report)
+                outcomes.append(replace(stats, load_seconds=ready.load_seconds, waited_seconds=waited))
+            except Exception as error:  # noqa: BLE001 - one failed job must not lose the others
+                error.add_note(f"while embedding {job.out} with {job.kind}, in the device process:\n{traceback.format_exc()}")
+                outcomes.append(error)
+            ready = None  # frees this job's model and tokens before the next job runs
+    return outcomes
+
+
+def prepare_job(job: ShardJob) -> _PreparedJob:
+    """Everything a job needs before its first pack: rows, model, tokens, and its compiled kernels."""
+    ids, sequences = job.rows()
+    _check_ids(ids, sequences, job.out)
     start = time.perf_counter()
-    model = load_model(kind, model_path, config)
+    model = load_model(job.kind, job.model_path, job.config)
     load_seconds = time.perf_counter() - start
-    stats = embed_sequences(model, ids, sequences, out, config, attrs=attrs, progress=progress)
-    return replace(stats, load_seconds=load_seconds)
+    tokenized = tokenize(model.tokenizer, ids, sequences, job.config.num_workers)
+    _warm_up(model, tokenized)
+    return _PreparedJob(job, model, list(ids), tokenized, load_seconds)
+
+
+@torch.inference_mode()
+def _warm_up(model: LoadedModel, tokenized: Tokenized) -> None:
+    """Compiles the model's layers now, on the preparing thread, rather than in the device loop.
+
+    Two tiny packs that differ in every size a pack has (tokens, sequences, longest sequence): the
+    first compiles for fixed sizes, the second recompiles with those sizes dynamic, which is the
+    graph every real pack then reuses (a single warm-up pack would leave that recompilation to the
+    first real pack).
+    """
+    if model.device.type != "cuda" or len(tokenized) < 7:
+        return
+    by_length = np.argsort(tokenized.lengths, kind="stable")
+    for pack in (by_length[:3], by_length[-4:]):
+        model.module.embed(tokenized.batch(pack.tolist()).to(model.device))
+    torch.cuda.current_stream(model.device).synchronize()
 
 
 def embed_fasta_to_hdf5(kind: str, input: Path, model_path: Path, out: Path, config: EmbedConfig, *,
@@ -192,10 +255,17 @@ def embed_sequences(model: LoadedModel, ids: Sequence[str], sequences: Sequence[
     Resumes from the checkpoint a killed run of the same input left beside `out_path`, and returns
     at once when `out_path` is already the complete shard of this input.
     """
+    _check_ids(ids, sequences, Path(out_path))
+    tokenized = tokenize(model.tokenizer, ids, sequences, config.num_workers)
+    return embed_tokenized(model, ids, tokenized, out_path, config, attrs=attrs, progress=progress)
+
+
+def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized, out_path: Path,
+                    config: EmbedConfig, *, attrs: dict | None = None,
+                    progress: Callable[[Progress], None] | None = None) -> EmbedStats:
+    """`embed_sequences` of sequences tokenised already (by `tokenize`)."""
     start = time.perf_counter()
     out_path = Path(out_path)
-    _check_ids(ids, sequences, out_path)
-    tokenized = tokenize(model.tokenizer, ids, sequences, config.num_workers)
     fingerprint = input_fingerprint(model, ids, tokenized)
     if (done := _complete_shard(out_path, fingerprint)) is not None:
         log.info("%s is already complete: skipped", out_path)
@@ -298,45 +368,22 @@ def auto_max_tokens(model: LoadedModel) -> int:
 # Tokenising
 
 
-@dataclass
-class Tokenized:
-    tokens: np.ndarray  # (total,) int32: every sequence's token ids, concatenated in input order
-    lengths: np.ndarray  # (N,) int64
-    truncated: int  # inputs the tokenizer cut
-    offsets: np.ndarray = field(init=False)  # (N+1,) where each sequence starts in `tokens`
-
-    def __post_init__(self) -> None:
-        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
-
-    def batch(self, indices: Sequence[int]) -> PackedBatch:
-        return make_batch([self.tokens[self.offsets[i] : self.offsets[i + 1]] for i in indices], indices)
-
-
 def tokenize(tokenizer: SequenceTokenizer, ids: Sequence[str], sequences: Sequence[str], num_workers: int) -> Tokenized:
     """Token ids of every sequence, in input order, from `num_workers` processes (0: this one)."""
     try:
         if num_workers == 0:
-            return _tokenize_slice(tokenizer, ids, sequences)
+            return tokenizer.encode_many(sequences, ids)
         # A few contiguous slices per worker balance the load; map() hands them back in order.
         bounds = np.linspace(0, len(ids), 4 * num_workers + 1).astype(int).tolist()
         slices = list(zip(bounds[:-1], bounds[1:]))
         # Spawned, not forked: a fork of a process that holds CUDA state or threads is unsafe.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-            parts = list(pool.map(partial(_tokenize_slice, tokenizer),
-                                  [ids[a:b] for a, b in slices], [sequences[a:b] for a, b in slices]))
+            parts = list(pool.map(tokenizer.encode_many, [sequences[a:b] for a, b in slices], [ids[a:b] for a, b in slices]))
     except ValueError as error:
         raise TokenizationError(str(error)) from error
     return Tokenized(np.concatenate([p.tokens for p in parts]), np.concatenate([p.lengths for p in parts]),
                      sum(p.truncated for p in parts))
-
-
-def _tokenize_slice(tokenizer: SequenceTokenizer, ids: Sequence[str], sequences: Sequence[str]) -> Tokenized:
-    encoded, truncated = tokenizer.encode_many(sequences, ids)
-    lengths = np.array([len(t) for t in encoded], dtype=np.int64)
-    # int32 halves the host memory of a large shard; make_batch widens each pack for the embedding.
-    tokens = np.concatenate(encoded).astype(np.int32) if encoded else np.empty(0, dtype=np.int32)
-    return Tokenized(tokens, lengths, truncated)
 
 
 # ----------------------------------------------------------------------------------------------

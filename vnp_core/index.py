@@ -9,6 +9,7 @@ share of the tokens; `prep_order` restores the original tool's order where a use
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,26 @@ def read_index(path: Path) -> pl.DataFrame:
     if index.columns != COLUMNS:
         raise ValueError(f"{path}: not a vnp sequence index (columns {index.columns}, expected {COLUMNS})")
     return index
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """The frame ids and `column` sequences of one shard of the index at `path`, in index order.
+
+    A picklable reader: the device process reads its rows itself rather than receiving millions
+    of strings through a pickle from the step.
+    """
+
+    path: Path
+    shard: int
+    column: str  # "protein" (ESM-2) or "nucleotide" (DNABERT-S)
+
+    def __call__(self) -> tuple[list[str], list[str]]:
+        rows = self.frame().select("frame_id", self.column).collect()
+        return rows["frame_id"].to_list(), rows[self.column].to_list()
+
+    def count(self) -> int:
+        return self.frame().select(pl.len()).collect().item()
+
+    def frame(self) -> pl.LazyFrame:
+        return pl.scan_parquet(self.path).filter(pl.col("shard") == self.shard)

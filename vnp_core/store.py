@@ -84,6 +84,15 @@ def read_ids(path: Path) -> list[str]:
         return f["ids"].asstr()[:].tolist()
 
 
+def nonfinite_rows(path: Path, block_rows: int = 1 << 16) -> np.ndarray:
+    """Rows of a shard with any NaN or Inf, read a block at a time (a 3B shard can exceed host memory)."""
+    with h5py.File(path, "r") as f:
+        _require(f, path, ("embeddings",))
+        vectors = f["embeddings"]
+        return np.concatenate([start + np.flatnonzero(~np.isfinite(vectors[start : start + block_rows]).all(axis=1))
+                               for start in range(0, len(vectors), block_rows)] or [np.empty(0, dtype=np.int64)])
+
+
 def read_attrs(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         return _attrs(f)

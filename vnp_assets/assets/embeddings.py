@@ -1,19 +1,25 @@
-"""`esm2_embeddings` and `dnabert_s_embeddings`: one shard of a sample, one model, one leased GPU.
+"""`dnabert_s_embeddings` and `esm2_embeddings`: one shard of a sample, on one leased GPU.
 
-The step leases a GPU among every run on the host (a flock under `gpu_lock_dir`), then runs the
-model in a fresh process bound to that physical GPU. On a host without GPUs it runs on the CPU.
+Both assets come from one step per shard (a multi-asset): the step leases a GPU among every run on
+the host (a flock under `gpu_lock_dir`), then runs both models in one fresh process bound to that
+physical GPU, so a GPU pays one process start and one lease per shard, and the second model loads
+and compiles while the first one computes. Either asset can still be materialized alone (a rerun
+of a failed shard). On a host without GPUs the step runs on the CPU.
 """
 
-import polars as pl
+from collections.abc import Iterator
+
 from dagster import (
+    AssetCheckKey,
     AssetDep,
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
+    AssetSpec,
     MaterializeResult,
     MetadataValue,
     MultiPartitionsDefinition,
-    asset,
+    multi_asset,
 )
 
 from vnp_assets.assets.sequence_index import sequence_index
@@ -23,60 +29,93 @@ from vnp_assets.partitions import by_sample
 from vnp_assets.progress import run_logging_progress
 from vnp_assets.resources import VnpSettings
 # What the device process runs; it lives in vnp_core so that process imports no Dagster.
-from vnp_core.engine import embed_shard
+from vnp_core.config import ShardJob
+from vnp_core.engine import embed_shards
+from vnp_core.index import ShardRows
 
+# The order the device process runs them in: DNABERT-S is small and quick to load, so the device
+# starts early, and the 3B ESM-2 loads, tokenises and compiles while DNABERT-S computes.
+MODELS = ("dnabert_s", "esm2")
 # Which index column each model embeds.
 MODEL_INPUT = {"esm2": "protein", "dnabert_s": "nucleotide"}
 
 
-def build_embedding_asset(kind: str, partitions_def: MultiPartitionsDefinition) -> AssetsDefinition:
-    key = AssetKey(f"{kind}_embeddings")
+def embedding_key(kind: str) -> AssetKey:
+    return AssetKey(f"{kind}_embeddings")
 
-    @asset(
-        key=key,
+
+def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsDefinition:
+    specs = [
+        AssetSpec(
+            embedding_key(kind),
+            deps=[AssetDep(sequence_index, partition_mapping=by_sample)],
+            automation_condition=EAGER_AFTER_CHECKS,
+            kinds={"pytorch", "hdf5"},
+            description=f"{kind} embeddings of one shard of a sample's kept frames (HDF5), made on one leased GPU.",
+        )
+        for kind in MODELS
+    ]
+
+    @multi_asset(
+        name="shard_embeddings",
+        specs=specs,
         partitions_def=partitions_def,
-        deps=[AssetDep(sequence_index, partition_mapping=by_sample)],
+        can_subset=True,
         pool="gpu",
-        check_specs=shard_check_specs(key),
-        automation_condition=EAGER_AFTER_CHECKS,
-        kinds={"pytorch", "hdf5"},
-        description=f"{kind} embeddings of one shard of a sample's kept frames (HDF5), on one leased GPU.",
+        check_specs=[spec for kind in MODELS for spec in shard_check_specs(embedding_key(kind))],
     )
-    def embeddings(context: AssetExecutionContext, vnp: VnpSettings) -> MaterializeResult:
-        from vnp_core.index import read_index
-
-        sample, shard = context.partition_key.keys_by_dimension["sample"], int(context.partition_key.keys_by_dimension["shard"])
+    def shard_embeddings(context: AssetExecutionContext, vnp: VnpSettings) -> Iterator[MaterializeResult]:
+        keys = context.partition_key.keys_by_dimension
+        sample, shard = keys["sample"], int(keys["shard"])
+        kinds = [kind for kind in MODELS if embedding_key(kind) in context.selected_asset_keys]
         layout = vnp.sample_layout(sample)
-        rows = read_index(layout.index).filter(pl.col("shard") == shard)
-        out = layout.embeddings(kind, shard)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = {kind: ShardRows(layout.index, shard, MODEL_INPUT[kind]) for kind in kinds}
+        expected_rows = rows[kinds[0]].count()
         with vnp.gpu_lease() as device:
             where = "cpu" if device is None else f"GPU {device}"
-            context.log.info(f"{kind} shard {shard} of {sample}: {rows.height:,} sequences on {where}")
+            context.log.info(f"shard {shard} of {sample}: {expected_rows:,} sequences, {' then '.join(kinds)} on {where}")
             config = vnp.vnp_config("cpu" if device is None else "cuda")
-            stats = run_logging_progress(
-                context.log, embed_shard, kind, getattr(config.models, kind), rows["frame_id"].to_list(),
-                rows[MODEL_INPUT[kind]].to_list(), out, getattr(config, kind),
-                {"sample": sample, "chunk_length": vnp.chunk_length}, device=device)
-        context.log.info(stats.summary())
-        return MaterializeResult(
-            metadata={
-                **warn_if_tiny(context, vnp, {kind}),
-                "rows": stats.sequences,
-                "tokens": stats.tokens,
-                "seconds": stats.seconds,
-                "tokens_per_s": stats.tokens_per_s,
-                "resumed_rows": stats.resumed_from_rows,
-                "model_load_seconds": stats.load_seconds,
-                "first_pack_seconds": stats.first_pack_seconds,
-                "device": where,
-                "dtype": stats.dtype,
-                "attention_backend": stats.attention_backend,
-                "max_tokens": stats.max_tokens,
-                "truncated_inputs": stats.truncated,
-                "path": MetadataValue.path(out),
-            },
-            check_results=shard_check_results(out, expected_rows=rows.height),
-        )
+            jobs = []
+            for kind in kinds:
+                layout.embeddings(kind, shard).parent.mkdir(parents=True, exist_ok=True)
+                jobs.append(ShardJob(kind, getattr(config.models, kind), rows[kind], layout.embeddings(kind, shard),
+                                     getattr(config, kind), {"sample": sample, "chunk_length": vnp.chunk_length}))
+            outcomes = run_logging_progress(context.log, embed_shards, jobs, device=device)
 
-    return embeddings
+        failed = []
+        for kind, outcome in zip(kinds, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                context.log.error(f"{kind} shard {shard} of {sample} failed: {outcome}")
+                failed.append(outcome)
+                continue
+            context.log.info(f"{kind}: {outcome.summary()}")
+            key = embedding_key(kind)
+            yield MaterializeResult(
+                asset_key=key,
+                metadata={**warn_if_tiny(context, vnp, {kind}), **_stats_metadata(outcome, where),
+                          "path": MetadataValue.path(layout.embeddings(kind, shard))},
+                check_results=[check for check in shard_check_results(key, layout.embeddings(kind, shard), expected_rows)
+                               if AssetCheckKey(key, check.check_name) in context.selected_asset_check_keys],
+            )
+        if failed:  # the other model's shard is recorded above; this one reruns alone
+            raise failed[0]
+
+    return shard_embeddings
+
+
+def _stats_metadata(stats, where: str) -> dict:
+    return {
+        "rows": stats.sequences,
+        "tokens": stats.tokens,
+        "seconds": stats.seconds,
+        "tokens_per_s": stats.tokens_per_s,
+        "resumed_rows": stats.resumed_from_rows,
+        "model_load_seconds": stats.load_seconds,
+        "device_waited_seconds": stats.waited_seconds,
+        "first_pack_seconds": stats.first_pack_seconds,
+        "device": where,
+        "dtype": stats.dtype,
+        "attention_backend": stats.attention_backend,
+        "max_tokens": stats.max_tokens,
+        "truncated_inputs": stats.truncated,
+    }

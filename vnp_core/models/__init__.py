@@ -7,10 +7,41 @@ fp32 vectors, one per sequence of the pack) and a picklable tokenizer that worke
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from vnp_core.packing import PackedBatch, make_batch
+
+
+@dataclass
+class Tokenized:
+    """Every sequence's token ids (specials included), concatenated in input order."""
+
+    tokens: np.ndarray  # (total,) int32: int32 halves the host memory of a large shard
+    lengths: np.ndarray  # (N,) int64
+    truncated: int  # inputs the tokenizer cut
+    offsets: np.ndarray = field(init=False)  # (N+1,) where each sequence starts in `tokens`
+
+    def __post_init__(self) -> None:
+        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
+
+    @classmethod
+    def concat(cls, parts: Sequence[np.ndarray], truncated: int = 0) -> Tokenized:
+        """From one array of ids per sequence."""
+        lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        tokens = np.concatenate(parts).astype(np.int32) if parts else np.empty(0, dtype=np.int32)
+        return cls(tokens, lengths, truncated)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def batch(self, indices: Sequence[int]) -> PackedBatch:
+        return make_batch([self.sequence(i) for i in indices], indices)
 
 
 class SequenceTokenizer:
@@ -20,10 +51,10 @@ class SequenceTokenizer:
         """Token ids, and whether the input was truncated. Unknown letters raise `ValueError` naming the record."""
         raise NotImplementedError
 
-    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> tuple[list[np.ndarray], int]:
-        """`encode` of every sequence, and how many were truncated; a tokenizer with a faster batch path overrides it."""
+    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> Tokenized:
+        """`encode` of every sequence; a tokenizer with a faster batch path overrides it."""
         encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
-        return [ids for ids, _ in encoded], sum(truncated for _, truncated in encoded)
+        return Tokenized.concat([ids for ids, _ in encoded], truncated=sum(truncated for _, truncated in encoded))
 
 
 @dataclass

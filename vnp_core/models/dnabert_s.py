@@ -25,7 +25,7 @@ from torch import nn
 from vnp_core.atomic import atomic_path
 from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models import LoadedModel, SequenceTokenizer
+from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized
 from vnp_core.packing import PackedBatch, segment_mean
 
 POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"
@@ -100,16 +100,16 @@ class DnabertSTokenizer(SequenceTokenizer):
             raise ValueError(f"record {record_id!r}: empty nucleotide sequence")
         return np.asarray(ids, dtype=np.int64), False
 
-    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> tuple[list[np.ndarray], int]:
+    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> Tokenized:
         # One call into the Rust tokenizer per block (it tokenises the block on all cores): per-sequence
         # calls cost ~50 us each, a minute for a 1M-read sample.
         encoded = []
         for start in range(0, len(sequences), _ENCODE_BLOCK):
             block = sequences[start : start + _ENCODE_BLOCK]
-            encoded += [np.asarray(e.ids, dtype=np.int64) for e in self._tokenizer.encode_batch([s.upper() for s in block])]
+            encoded += [np.asarray(e.ids, dtype=np.int32) for e in self._tokenizer.encode_batch([s.upper() for s in block])]
         if (empty := next((i for i, ids in enumerate(encoded) if len(ids) <= 2), None)) is not None:
             raise ValueError(f"record {record_ids[empty]!r}: empty nucleotide sequence")
-        return encoded, 0
+        return Tokenized.concat(encoded)
 
     def count_tokens(self, sequences: list[str]) -> np.ndarray:
         """Token count of each sequence, [CLS] and [SEP] included (tokenised in parallel)."""

@@ -15,6 +15,7 @@ import json
 import pickle
 import re
 import zipfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import nn
 from vnp_core.atomic import atomic_path
 from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models import LoadedModel, SequenceTokenizer
+from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized
 from vnp_core.packing import PackedBatch, segment_mean
 
 # The ESM-1b alphabet of every ESM-2 model, in token-id order.
@@ -81,6 +82,29 @@ class ESM2Tokenizer(SequenceTokenizer):
         if truncated:
             ids = ids[: self.max_residues]
         return np.concatenate(([CLS], ids, [EOS])), truncated
+
+    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> Tokenized:
+        """`encode` of every sequence as whole-array operations: a million proteins in about a second."""
+        lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+        starts = np.cumsum(lengths) - lengths
+        # ASCII with "?" for any other code point: one byte per letter, and "?" is no residue.
+        residues = _RESIDUE_IDS[np.frombuffer("".join(sequences).encode("ascii", "replace"), dtype=np.uint8)]
+        empty, unknown = np.flatnonzero(lengths == 0)[:1], np.flatnonzero(residues < 0)[:1]
+        if bad := [*empty.tolist(), *(np.searchsorted(starts, unknown, side="right") - 1).tolist()]:
+            row = min(bad)
+            self.encode(sequences[row], record_ids[row])  # raises the error that names the record and letter
+        truncated = int((lengths > self.max_residues).sum()) if self.max_residues is not None else 0
+        if truncated:
+            position = np.arange(len(residues)) - np.repeat(starts, lengths)
+            residues, lengths = residues[position < self.max_residues], np.minimum(lengths, self.max_residues)
+        out_lengths = lengths + 2
+        ends = np.cumsum(out_lengths)
+        tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)
+        special = np.zeros(len(tokens), dtype=bool)
+        special[ends - out_lengths] = special[ends - 1] = True
+        tokens[ends - out_lengths], tokens[ends - 1] = CLS, EOS
+        tokens[~special] = residues
+        return Tokenized(tokens, out_lengths, truncated)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,11 +397,12 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def write_tiny_checkpoint(path: Path, *, num_layers: int = 2, embed_dim: int = 64, attention_heads: int = 4,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """A random ESM-2 in fair-esm's release layout: `<name>.pt` and its `<name>-contact-regression.pt`.
 
     Random placeholder weights with no biological meaning. The name must start with "esm2", which
-    is how fair-esm's `load_model_and_alphabet_local` recognises the ESM-2 format.
+    is how fair-esm's `load_model_and_alphabet_local` recognises the ESM-2 format. `dtype` float16
+    halves the file of a 3B-sized model.
     """
     from esm.model.esm2 import ESM2
 
@@ -391,7 +416,7 @@ def write_tiny_checkpoint(path: Path, *, num_layers: int = 2, embed_dim: int = 6
         for name, param in model.named_parameters():
             if "layer_norm" in name:
                 nn.init.normal_(param, mean=1.0 if name.endswith("weight") else 0.0, std=0.2)
-    state = model.state_dict()
+    state = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in model.state_dict().items()}
     regression = {k: state.pop(k) for k in [k for k in state if k.startswith("contact_head.regression.")]}
     cfg = argparse.Namespace(encoder_layers=num_layers, encoder_embed_dim=embed_dim,
                              encoder_attention_heads=attention_heads, token_dropout=True)
