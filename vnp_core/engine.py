@@ -92,10 +92,11 @@ class EmbedStats:
     attention_backend: str
     max_tokens: int
     resumed_from_rows: int  # rows taken from a checkpoint or an already complete shard
-    # Where a shard's fixed cost goes: loading the model; how long the device waited for the job's
-    # preparation (rows, tokens, model, compilation; 0 when it overlapped the previous job); and
-    # the first finished pack, counted from the start of the job's device loop.
+    # Where a shard's fixed cost goes: loading the model and compiling it (on threads); how long the
+    # device waited for them (0 when they overlapped the previous job); and the first finished pack,
+    # counted from the start of the job's device loop.
     load_seconds: float = 0.0
+    compile_seconds: float = 0.0
     waited_seconds: float = 0.0
     first_pack_seconds: float = 0.0
 
@@ -111,6 +112,8 @@ class EmbedStats:
             text += f"; resumed after {self.resumed_from_rows:,} checkpointed rows"
         if self.load_seconds:
             text += f"; model loaded in {self.load_seconds:.1f} s"
+        if self.compile_seconds:
+            text += f", compiled in {self.compile_seconds:.1f} s"
         if self.waited_seconds:
             text += f"; the device waited {self.waited_seconds:.1f} s for the rows, tokens and model"
         if self.first_pack_seconds:
@@ -134,24 +137,27 @@ def load_model(kind: str, path: Path, config: EmbedConfig) -> LoadedModel:
 
 @dataclass
 class _PreparedJob:
-    job: ShardJob
     model: LoadedModel
     ids: list[str]
     tokenized: Tokenized
     load_seconds: float
+    compile_seconds: float = 0.0
 
 
 def embed_shards(jobs: Sequence[ShardJob],
                  progress: Callable[[str, Progress], None] | None = None) -> list[EmbedStats | Exception]:
     """Each job in turn on this process's device; `progress(kind, report)` as they go.
 
-    The next job is prepared on a thread while the current one computes. A failed job does not stop
-    the others: its exception is returned in its place, so the caller keeps every finished shard.
+    Every job's rows, model and tokens are loaded at once on threads when the call starts (their
+    reads and copies overlap, and a later job is ready by the time the one before it finishes); the
+    models are compiled on one more thread in job order, so the first job's compilation never waits
+    behind a later one's. A failed job does not stop the others: its exception is returned in its
+    place, so the caller keeps every finished shard.
     """
     outcomes: list[EmbedStats | Exception] = []
-    # One thread prepares the jobs in order, so each is prepared while the one before it computes.
-    with ThreadPoolExecutor(1, thread_name_prefix="vnp-prepare") as preparer:
-        preparing = deque(preparer.submit(prepare_job, job) for job in jobs)
+    with ThreadPoolExecutor(max(1, len(jobs)), thread_name_prefix="vnp-load") as loader, \
+            ThreadPoolExecutor(1, thread_name_prefix="vnp-compile") as compiler:
+        preparing = deque(compiler.submit(_compiled, loader.submit(load_job, job)) for job in jobs)
         for job in jobs:
             waiting = time.perf_counter()
             try:
@@ -160,7 +166,8 @@ def embed_shards(jobs: Sequence[ShardJob],
                 report = None if progress is None else partial(progress, job.kind)
                 stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
                                         attrs=job.attrs, progress=report)
-                outcomes.append(replace(stats, load_seconds=ready.load_seconds, waited_seconds=waited))
+                outcomes.append(replace(stats, load_seconds=ready.load_seconds, compile_seconds=ready.compile_seconds,
+                                        waited_seconds=waited))
             except Exception as error:  # noqa: BLE001 - one failed job must not lose the others
                 error.add_note(f"while embedding {job.out} with {job.kind}, in the device process:\n{traceback.format_exc()}")
                 outcomes.append(error)
@@ -168,16 +175,21 @@ def embed_shards(jobs: Sequence[ShardJob],
     return outcomes
 
 
-def prepare_job(job: ShardJob) -> _PreparedJob:
-    """Everything a job needs before its first pack: rows, model, tokens, and its compiled kernels."""
+def load_job(job: ShardJob) -> _PreparedJob:
+    """A job's rows, its model on the device and its tokens."""
     ids, sequences = job.rows()
     _check_ids(ids, sequences, job.out)
     start = time.perf_counter()
     model = load_model(job.kind, job.model_path, job.config)
     load_seconds = time.perf_counter() - start
-    tokenized = tokenize(model.tokenizer, ids, sequences, job.config.num_workers)
-    _warm_up(model, tokenized)
-    return _PreparedJob(job, model, list(ids), tokenized, load_seconds)
+    return _PreparedJob(model, list(ids), tokenize(model.tokenizer, ids, sequences, job.config.num_workers), load_seconds)
+
+
+def _compiled(loading: Future) -> _PreparedJob:
+    prepared = loading.result()
+    start = time.perf_counter()
+    _warm_up(prepared.model, prepared.tokenized)
+    return replace(prepared, compile_seconds=time.perf_counter() - start)
 
 
 @torch.inference_mode()
