@@ -16,6 +16,16 @@ def mark(name: str) -> None:
     phases.append((name, time.perf_counter() - START - sum(seconds for _, seconds in phases)))
 
 
+def first_packs(model, tokenized) -> None:
+    """Two small packs of different sizes: the compilation for fixed sizes, then the dynamic one."""
+    import torch
+
+    with torch.inference_mode():
+        for pack in (range(3), range(3, 7)):
+            model.module.embed(tokenized.batch(list(pack)).to(model.device))
+    torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--esm2", required=True)
@@ -35,19 +45,19 @@ def main() -> None:
     from pathlib import Path
 
     from vnp_core.config import EmbedConfig
-    from vnp_core.engine import _warm_up, load_model, tokenize
+    from vnp_core.engine import load_model, tokenize
     config = EmbedConfig(device="cuda", dtype="float16")
     dnabert = load_model("dnabert_s", Path(args.dnabert_s), config)
     mark("load DNABERT-S")
     seqs = ["ACGTTGCAAGGCTTAACG" * (5 + i % 20) for i in range(2000)]
     tokenized = tokenize(dnabert.tokenizer, [str(i) for i in range(len(seqs))], seqs, 0)
     mark("tokenise 2000")
-    _warm_up(dnabert, tokenized)
+    first_packs(dnabert, tokenized)
     mark("compile DNABERT-S (warm-up)")
     esm = load_model("esm2", Path(args.esm2), config)
     mark("load ESM-2")
     proteins = ["MKVLAGHWYTRE" * (3 + i % 10) for i in range(2000)]
-    _warm_up(esm, tokenize(esm.tokenizer, [str(i) for i in range(len(proteins))], proteins, 0))
+    first_packs(esm, tokenize(esm.tokenizer, [str(i) for i in range(len(proteins))], proteins, 0))
     mark("compile ESM-2 (warm-up)")
     for name, seconds in phases:
         print(f"{name:34s} {seconds:6.2f} s")

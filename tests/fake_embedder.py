@@ -46,7 +46,7 @@ class FakeEmbedStats:
     max_tokens: int = 0
     resumed_from_rows: int = 0
     load_seconds: float = 0.0
-    compile_seconds: float = 0.0
+    compiled: bool = False
     waited_seconds: float = 0.0
     first_pack_seconds: float = 0.0
 

@@ -94,6 +94,10 @@ def document_block_mask(cu_seqlens: torch.Tensor, tokens: int, block: int = FLEX
 def plan_attention(backend: str, cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int, dtype: torch.dtype,
                    alibi_slopes: torch.Tensor | None = None) -> AttentionPlan:
     """Everything `backend` derives from one pack's boundaries, computed once for all layers."""
+    if backend in ("flash_attn", "torch_varlen"):
+        # Varlen kernels take max_seqlen as an upper bound only. Rounded up to a multiple of 8, it
+        # never changes alignment between packs, which would recompile the compiled layers.
+        max_seqlen = -(-max_seqlen // 8) * 8
     plan = AttentionPlan(backend, cu_seqlens, max_seqlen, alibi_slopes)
     if backend == "sdpa_padded":
         return replace(plan, layout=token_layout(cu_seqlens, tokens),

@@ -6,8 +6,8 @@ device -> results read back once the compute has finished -> checkpoint writer t
 count out checked -> atomic rename to the shard.
 
 A device process runs a list of `ShardJob`s (both models over one shard) with `embed_shards`: while
-one job computes, the next job's rows are read, tokenised, its model loaded and compiled on a thread,
-so the device waits only for the first job's preparation.
+one job computes, the next job's rows are read, tokenised and its model loaded on a thread, so the
+device waits only for the first job's.
 
 A killed run resumes from its last durable checkpoint. Packs are planned greedily in input order,
 so planning again from a checkpoint (always a pack boundary) with the same budget reproduces the
@@ -92,11 +92,11 @@ class EmbedStats:
     attention_backend: str
     max_tokens: int
     resumed_from_rows: int  # rows taken from a checkpoint or an already complete shard
-    # Where a shard's fixed cost goes: loading the model and compiling it (on threads); how long the
-    # device waited for them (0 when they overlapped the previous job); and the first finished pack,
-    # counted from the start of the job's device loop.
+    compiled: bool = False  # the model's layers ran compiled by torch.compile
+    # Where a shard's fixed cost goes: loading the model and tokens (on a thread); how long the
+    # device waited for them (0 when they overlapped the previous job); and the first finished pack
+    # (its compilation included), counted from the start of the job's device loop.
     load_seconds: float = 0.0
-    compile_seconds: float = 0.0
     waited_seconds: float = 0.0
     first_pack_seconds: float = 0.0
 
@@ -106,16 +106,15 @@ class EmbedStats:
         text = (
             f"embedded {self.sequences - self.resumed_from_rows:,} sequences ({self.tokens:,} tokens) in "
             f"{self.seconds:.1f} s: {self.sequences_per_s:,.1f} sequences/s, {self.tokens_per_s:,.0f} tokens/s "
-            f"on {self.device} ({self.dtype}, {self.attention_backend}, packs of <= {self.max_tokens:,} tokens)"
+            f"on {self.device} ({self.dtype}, {self.attention_backend}{', compiled' if self.compiled else ''}, "
+            f"packs of <= {self.max_tokens:,} tokens)"
         )
         if self.resumed_from_rows:
             text += f"; resumed after {self.resumed_from_rows:,} checkpointed rows"
         if self.load_seconds:
-            text += f"; model loaded in {self.load_seconds:.1f} s"
-        if self.compile_seconds:
-            text += f", compiled in {self.compile_seconds:.1f} s"
+            text += f"; model and tokens loaded in {self.load_seconds:.1f} s"
         if self.waited_seconds:
-            text += f"; the device waited {self.waited_seconds:.1f} s for the rows, tokens and model"
+            text += f"; the device waited {self.waited_seconds:.1f} s for them"
         if self.first_pack_seconds:
             text += f"; first pack done after {self.first_pack_seconds:.1f} s"
         if self.truncated:
@@ -141,33 +140,30 @@ class _PreparedJob:
     ids: list[str]
     tokenized: Tokenized
     load_seconds: float
-    compile_seconds: float = 0.0
 
 
 def embed_shards(jobs: Sequence[ShardJob],
                  progress: Callable[[str, Progress], None] | None = None) -> list[EmbedStats | Exception]:
     """Each job in turn on this process's device; `progress(kind, report)` as they go.
 
-    Every job's rows, model and tokens are loaded at once on threads when the call starts (their
-    reads and copies overlap, and a later job is ready by the time the one before it finishes); the
-    models are compiled on one more thread in job order, so the first job's compilation never waits
-    behind a later one's. A failed job does not stop the others: its exception is returned in its
-    place, so the caller keeps every finished shard.
+    Every job's rows, model and tokens are loaded at once on threads when the call starts, so their
+    reads and copies overlap and a later job is ready when the one before it finishes. Compilation
+    happens in this thread, at a job's first pack: torch.compile traces by patching module calls
+    process-wide, so it must never run while another thread runs a model. A failed job does not
+    stop the others: its exception is returned in its place, so the caller keeps every finished shard.
     """
     outcomes: list[EmbedStats | Exception] = []
-    with ThreadPoolExecutor(max(1, len(jobs)), thread_name_prefix="vnp-load") as loader, \
-            ThreadPoolExecutor(1, thread_name_prefix="vnp-compile") as compiler:
-        preparing = deque(compiler.submit(_compiled, loader.submit(load_job, job)) for job in jobs)
+    with ThreadPoolExecutor(max(1, len(jobs)), thread_name_prefix="vnp-load") as loader:
+        loading = deque(loader.submit(load_job, job) for job in jobs)
         for job in jobs:
             waiting = time.perf_counter()
             try:
-                ready = preparing.popleft().result()
+                ready = loading.popleft().result()
                 waited = time.perf_counter() - waiting
                 report = None if progress is None else partial(progress, job.kind)
                 stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
                                         attrs=job.attrs, progress=report)
-                outcomes.append(replace(stats, load_seconds=ready.load_seconds, compile_seconds=ready.compile_seconds,
-                                        waited_seconds=waited))
+                outcomes.append(replace(stats, load_seconds=ready.load_seconds, waited_seconds=waited))
             except Exception as error:  # noqa: BLE001 - one failed job must not lose the others
                 error.add_note(f"while embedding {job.out} with {job.kind}, in the device process:\n{traceback.format_exc()}")
                 outcomes.append(error)
@@ -176,37 +172,20 @@ def embed_shards(jobs: Sequence[ShardJob],
 
 
 def load_job(job: ShardJob) -> _PreparedJob:
-    """A job's rows, its model on the device and its tokens."""
+    """A job's rows, its model on the device and its tokens.
+
+    The layers are compiled only for a job big enough to repay the compilation (`compile_min_tokens`
+    of the model): on a small shard, compiling would cost more time than the faster layers save.
+    """
     ids, sequences = job.rows()
     _check_ids(ids, sequences, job.out)
     start = time.perf_counter()
-    model = load_model(job.kind, job.model_path, job.config)
-    load_seconds = time.perf_counter() - start
-    return _PreparedJob(model, list(ids), tokenize(model.tokenizer, ids, sequences, job.config.num_workers), load_seconds)
-
-
-def _compiled(loading: Future) -> _PreparedJob:
-    prepared = loading.result()
-    start = time.perf_counter()
-    _warm_up(prepared.model, prepared.tokenized)
-    return replace(prepared, compile_seconds=time.perf_counter() - start)
-
-
-@torch.inference_mode()
-def _warm_up(model: LoadedModel, tokenized: Tokenized) -> None:
-    """Compiles the model's layers now, on the preparing thread, rather than in the device loop.
-
-    Two tiny packs that differ in every size a pack has (tokens, sequences, longest sequence): the
-    first compiles for fixed sizes, the second recompiles with those sizes dynamic, which is the
-    graph every real pack then reuses (a single warm-up pack would leave that recompilation to the
-    first real pack).
-    """
-    if model.device.type != "cuda" or len(tokenized) < 7:
-        return
-    by_length = np.argsort(tokenized.lengths, kind="stable")
-    for pack in (by_length[:3], by_length[-4:]):
-        model.module.embed(tokenized.batch(pack.tolist()).to(model.device))
-    torch.cuda.current_stream(model.device).synchronize()
+    model = load_model(job.kind, job.model_path, replace(job.config, compile_layers=False))
+    tokenized = tokenize(model.tokenizer, ids, sequences, job.config.num_workers)
+    if job.config.compile_layers and model.device.type == "cuda" and len(tokenized.tokens) >= model.compile_min_tokens:
+        model.module.compile_layers()  # wraps the layers (and imports the compiler) here; tracing waits for the first pack
+        model = replace(model, compiled=True)
+    return _PreparedJob(model, list(ids), tokenized, time.perf_counter() - start)
 
 
 def embed_fasta_to_hdf5(kind: str, input: Path, model_path: Path, out: Path, config: EmbedConfig, *,
@@ -316,7 +295,7 @@ def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized
         sequences=len(ids), tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
         sequences_per_s=(len(ids) - resumed) / seconds, truncated=tokenized.truncated, device=str(model.device),
         dtype=_dtype_name(model.dtype), attention_backend=model.attention_backend, max_tokens=max_tokens,
-        resumed_from_rows=resumed, first_pack_seconds=first_pack_seconds,
+        resumed_from_rows=resumed, first_pack_seconds=first_pack_seconds, compiled=model.compiled,
     )
 
 

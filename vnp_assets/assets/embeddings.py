@@ -111,7 +111,7 @@ def _stats_metadata(stats, where: str) -> dict:
         "tokens_per_s": stats.tokens_per_s,
         "resumed_rows": stats.resumed_from_rows,
         "model_load_seconds": stats.load_seconds,
-        "compile_seconds": stats.compile_seconds,
+        "compiled_layers": stats.compiled,
         "device_waited_seconds": stats.waited_seconds,
         "first_pack_seconds": stats.first_pack_seconds,
         "device": where,

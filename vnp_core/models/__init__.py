@@ -70,3 +70,6 @@ class LoadedModel:
     dtype: torch.dtype
     attention_backend: str
     pooling: str  # the pooling rule, recorded in every output
+    compiled: bool = False  # layers wrapped by torch.compile
+    # Tokens from which compiling the layers repays its cost on one shard (`engine.load_job`).
+    compile_min_tokens: int = 0

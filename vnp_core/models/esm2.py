@@ -43,6 +43,9 @@ _RESIDUE_IDS[[ord(r) for r in RESIDUES]] = [TOKENS.index(r) for r in RESIDUES]
 TOKEN_DROPOUT_KEEP = 1 - 0.15 * 0.8
 LAYER_NORM_EPS = 1e-5
 POOLING = "mean over residues, BOS/EOS excluded, fp32"
+# Compiled layers run ESM-2 3B 12% faster on an H200 (81.6k -> 91.7k tokens/s, bench/results/), and
+# compiling costs ~8 s (importing the compiler, tracing): it pays from ~6M tokens on.
+COMPILE_MIN_TOKENS = 8_000_000
 
 # Heads by width for the released ESM-2 sizes: the one thing a state dict's shapes do not tell.
 RELEASED_HEADS = {320: 20, 480: 20, 640: 20, 1280: 20, 2560: 40, 5120: 40}
@@ -231,7 +234,8 @@ def load_esm2(path: Path, config: EmbedConfig) -> LoadedModel:
         device, dtype = torch.device(config.device), getattr(torch, config.dtype)
         backend = select_backend(config.attention_backend, device, dtype, needs_bias=False)
         module = PackedESM2.from_weights(cfg, weights, device, dtype, backend)
-        if config.compile_layers and device.type == "cuda":
+        compiled = config.compile_layers and device.type == "cuda"
+        if compiled:
             module.compile_layers()
     return LoadedModel(
         kind="esm2",
@@ -245,6 +249,8 @@ def load_esm2(path: Path, config: EmbedConfig) -> LoadedModel:
         dtype=dtype,
         attention_backend=backend,
         pooling=POOLING,
+        compiled=compiled,
+        compile_min_tokens=COMPILE_MIN_TOKENS,
     )
 
 
