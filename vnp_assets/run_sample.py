@@ -124,14 +124,19 @@ def shard_workers(settings: VnpSettings) -> Iterator[ProcessPoolExecutor]:
     """One worker process per usable GPU (one without GPUs), started now and importing the asset code."""
     workers = max(1, len(settings.usable_devices()))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_import_step_code) as pool:
+                             initializer=_prepare_step_worker, initargs=(settings.devices,)) as pool:
         for _ in range(workers):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
 
 
-def _import_step_code() -> None:
-    import vnp_assets.assets  # noqa: F401 - Dagster and the asset definitions, imported once per worker
+def _prepare_step_worker(devices: list[int] | None) -> None:
+    """What every step of the worker would otherwise do first: import Dagster and the asset code,
+    and start the CUDA driver (counting the GPUs does; it creates no context on any GPU)."""
+    import vnp_assets.assets  # noqa: F401
+    from vnp_core.gpu import discover_devices
+
+    discover_devices(devices)
 
 
 def embed_all_shards(workers: ProcessPoolExecutor, home: Path, settings: VnpSettings, sample: str) -> None:
