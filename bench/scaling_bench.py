@@ -72,8 +72,9 @@ def main() -> None:
     parser.add_argument("--gpus", default="1,2", help="Device counts to measure, in this order, e.g. 1,2,4,8.")
     parser.add_argument("--esm2-size", choices=sorted(ESM2_SIZES), default="3B")
     parser.add_argument("--warmup-reads", type=int, default=2000,
-                        help="An untimed run first, so every timed run finds torch.compile's caches warm, as a "
-                             "second sample on the same host does (0: none).")
+                        help="An untimed run of this many reads first, on GPU 0 (0: none). It fills torch.compile's "
+                             "cache for the timed runs only if its shard is compiled: ESM-2 from 8M tokens "
+                             "(~100k reads) on; bench/startup_profile.py compiles both models on any input.")
     parser.add_argument("--first-gpu", type=int, default=0,
                         help="Use GPUs first-gpu, first-gpu + 1, ...: two invocations on disjoint GPUs can run at once.")
     parser.add_argument("--prepare-only", action="store_true", help="Write the models and reads, then stop.")
