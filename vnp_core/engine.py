@@ -187,7 +187,7 @@ def load_job(job: ShardJob) -> _PreparedJob:
     if job.config.compile_layers and model.device.type == "cuda" and len(tokenized.tokens) >= model.compile_min_tokens:
         model.module.compile_layers()  # wraps the layers (and imports the compiler) here; tracing waits for the first pack
         model = replace(model, compiled=True)
-    return _PreparedJob(model, list(ids), tokenized, time.perf_counter() - start)
+    return _PreparedJob(model, ids, tokenized, time.perf_counter() - start)
 
 
 def embed_fasta_to_hdf5(kind: str, input: Path, model_path: Path, out: Path, config: EmbedConfig, *,
