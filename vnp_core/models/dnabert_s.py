@@ -30,8 +30,9 @@ from vnp_core.packing import PackedBatch, segment_mean
 
 POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"
 # Compiled layers run DNABERT-S 42% faster on an H200 (934k -> 1.33M tokens/s in 256k packs,
-# bench/results/), and compiling costs ~14 s (importing the compiler, tracing, a recompilation when
-# the padded length changes alignment): it pays from ~45M tokens on, a shard of ~1M reads.
+# bench/results/), and compiling cost 10.9 s there (importing the compiler 3.4 s, compiling 7.5 s,
+# results/startup_profile_h200.txt), more with the recompilation when the padded length changes
+# alignment: at an estimated ~14 s it pays from ~45M tokens on, a shard of ~1M reads.
 COMPILE_MIN_TOKENS = 50_000_000
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # The pooler and the MLM head are not part of the embedding.

@@ -44,7 +44,9 @@ TOKEN_DROPOUT_KEEP = 1 - 0.15 * 0.8
 LAYER_NORM_EPS = 1e-5
 POOLING = "mean over residues, BOS/EOS excluded, fp32"
 # Compiled layers run ESM-2 3B 12% faster on an H200 (81.6k -> 91.7k tokens/s, bench/results/), and
-# compiling costs ~8 s (importing the compiler, tracing): it pays from ~6M tokens on.
+# compiling cost 6-14 s there (importing the compiler 3.4 s, compiling 2.7 s with a warm cache,
+# results/startup_profile_h200.txt; first packs of 5.6-14.1 s in results/scaling_h200x2_3b.json):
+# at ~8 s it pays from ~6M tokens on.
 COMPILE_MIN_TOKENS = 8_000_000
 
 # Heads by width for the released ESM-2 sizes: the one thing a state dict's shapes do not tell.
