@@ -111,8 +111,9 @@ def main() -> None:
         run = run_sample(reads, shards=count, home=home, devices=devices, dtype=dtype, until=args.until, **models)
         results["runs"][str(count)] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values()),
                                        "until": args.until, "devices": devices, "command": " ".join(sys.argv),
-                                       "shards": shard_metadata(home)}
+                                       "shards": shard_metadata(home), "timeline": run_timeline(home)}
         print(run.summary(), flush=True)
+        print_timeline(results["runs"][str(count)]["timeline"])
         write_results(results, args.out)
     print_table(results)
 
@@ -135,6 +136,27 @@ def shard_metadata(home: Path) -> dict[str, dict]:
                                                          "compiled_layers", "device_waited_seconds", "first_pack_seconds", "device")
                     if key in metadata}
     return shards
+
+
+def run_timeline(home: Path) -> list[dict]:
+    """Every event of the sample's Dagster runs, in seconds from the end of the index run (about when
+    the embedding stage starts): where a step's time goes outside its device work."""
+    from vnp_assets.run_sample import local_instance
+
+    with local_instance(home) as instance:
+        runs = sorted(instance.get_runs(), key=lambda run: instance.all_logs(run.run_id)[0].timestamp)
+        origin = instance.all_logs(runs[0].run_id)[-1].timestamp
+        return [{"run": run.run_id[:8], "seconds": round(event.timestamp - origin, 3),
+                 "event": event.dagster_event.event_type_value if event.dagster_event else "log",
+                 "message": (event.user_message or "")[:160]}
+                for run in runs[1:] for event in instance.all_logs(run.run_id)]
+
+
+def print_timeline(timeline: list[dict]) -> None:
+    for event in timeline:
+        if event["event"] in ("PIPELINE_START", "STEP_START", "log", "ASSET_MATERIALIZATION", "STEP_SUCCESS",
+                              "PIPELINE_SUCCESS"):
+            print(f"{event['seconds']:8.2f} {event['run']} {event['event']:22s} {event['message'][:110]}")
 
 
 def write_results(results: dict, out: Path) -> None:

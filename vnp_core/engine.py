@@ -134,6 +134,19 @@ def load_model(kind: str, path: Path, config: EmbedConfig) -> LoadedModel:
     raise ValueError(f"unknown model kind {kind!r}: expected 'esm2' or 'dnabert_s'")
 
 
+def load_tokenizer(kind: str, path: Path, config: EmbedConfig) -> SequenceTokenizer:
+    """The tokenizer `load_model` gives the model, without reading the weights."""
+    if kind == "esm2":
+        from vnp_core.models.esm2 import ESM2Tokenizer
+
+        return ESM2Tokenizer(config.max_protein_length)
+    if kind == "dnabert_s":
+        from vnp_core.models.dnabert_s import DnabertSTokenizer
+
+        return DnabertSTokenizer(Path(path) / "tokenizer.json")
+    raise ValueError(f"unknown model kind {kind!r}: expected 'esm2' or 'dnabert_s'")
+
+
 @dataclass
 class _PreparedJob:
     model: LoadedModel
@@ -166,6 +179,7 @@ def embed_shards(jobs: Sequence[ShardJob],
                 stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
                                         attrs=job.attrs, progress=report)
                 outcomes.append(replace(stats, load_seconds=ready.load_seconds, waited_seconds=waited))
+                log.info("%s: %s written after %.1f s on the device", job.kind, job.out.name, stats.seconds)
             except Exception as error:  # noqa: BLE001 - one failed job must not lose the others
                 error.add_note(f"while embedding {job.out} with {job.kind}, in the device process:\n{traceback.format_exc()}")
                 outcomes.append(error)
@@ -176,18 +190,27 @@ def embed_shards(jobs: Sequence[ShardJob],
 def load_job(job: ShardJob) -> _PreparedJob:
     """A job's rows, its model on the device and its tokens.
 
-    The layers are compiled only for a job big enough to repay the compilation (`compile_min_tokens`
-    of the model): on a small shard, compiling would cost more time than the faster layers save.
+    The weights load on a thread while the rows are read and tokenised: the first job's load is
+    time the device waits, and both halves take seconds (DNABERT-S's BPE over a shard, the 3B
+    ESM-2's 6 GB). The layers are compiled only for a job big enough to repay the compilation
+    (`compile_min_tokens` of the model): on a small shard, compiling would cost more than it saves.
     """
-    ids, sequences = job.rows()
-    _check_ids(ids, sequences, job.out)
     start = time.perf_counter()
-    model = load_model(job.kind, job.model_path, replace(job.config, compile_layers=False))
-    tokenized = tokenize(model.tokenizer, ids, sequences, job.config.num_workers)
+    config = replace(job.config, compile_layers=False)
+    with ThreadPoolExecutor(1, thread_name_prefix="vnp-weights") as weights:
+        loading = weights.submit(load_model, job.kind, job.model_path, config)
+        ids, sequences = job.rows()
+        _check_ids(ids, sequences, job.out)
+        tokenized = tokenize(load_tokenizer(job.kind, job.model_path, config), ids, sequences, config.num_workers)
+        tokens_seconds = time.perf_counter() - start
+        model = loading.result()
     if job.config.compile_layers and model.device.type == "cuda" and len(tokenized.tokens) >= model.compile_min_tokens:
         model.module.compile_layers()  # wraps the layers (and imports the compiler) here; tracing waits for the first pack
         model = replace(model, compiled=True)
-    return _PreparedJob(model, ids, tokenized, time.perf_counter() - start)
+    load_seconds = time.perf_counter() - start
+    log.info("%s: %s rows read and tokenised in %.1f s, model and rows ready in %.1f s",
+             job.kind, f"{len(ids):,}", tokens_seconds, load_seconds)
+    return _PreparedJob(model, ids, tokenized, load_seconds)
 
 
 def embed_fasta_to_hdf5(kind: str, input: Path, model_path: Path, out: Path, config: EmbedConfig, *,

@@ -9,6 +9,7 @@ physical id, never a rank or a local index.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import pickle
 import signal
@@ -20,6 +21,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class DeviceProcessError(RuntimeError):
@@ -114,7 +117,8 @@ def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, 
         call, result = Path(tmp, "call.pkl"), Path(tmp, "result.pkl")
         # Two layers: the child restores sys.path before it unpickles `fn`, so fn's module imports.
         call.write_bytes(pickle.dumps((sys.path, pickle.dumps((fn, args, kwargs)))))
-        child = subprocess.run([sys.executable, "-m", "vnp_core.gpu", str(call), str(result)], env=env)
+        child = subprocess.run([sys.executable, "-m", "vnp_core.gpu", str(call), str(result), where, str(time.time())],
+                               env=env)
         if child.returncode < 0:
             signal_name = signal.Signals(-child.returncode).name
             raise DeviceProcessError(f"{name} on {where} was killed by signal {-child.returncode} ({signal_name})")
@@ -127,11 +131,16 @@ def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, 
     raise value
 
 
-def _device_process_main(call: Path, result: Path) -> None:
+def _device_process_main(call: Path, result: Path, where: str, launched: float) -> None:
+    # The child's log lines (the engine's phases, resumes, retries) go to its stderr, which the
+    # step shows; timestamped like Dagster's own lines, so a step's fixed cost can be read off them.
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s - vnp device process on {where} - %(message)s")
     sys_path, payload = pickle.loads(call.read_bytes())
     sys.path[:] = sys_path
     try:
         fn, args, kwargs = pickle.loads(payload)
+        log.info("%s ready to run %.1f s after launch (interpreter and imports)",
+                 getattr(fn, "__qualname__", repr(fn)), time.time() - launched)
         outcome = (True, fn(*args, **kwargs), None)
     except Exception as error:  # SystemExit and the like end the child: the parent reports its exit status
         outcome = (False, error, traceback.format_exc())
@@ -143,4 +152,4 @@ def _device_process_main(call: Path, result: Path) -> None:
 
 
 if __name__ == "__main__":
-    _device_process_main(Path(sys.argv[1]), Path(sys.argv[2]))
+    _device_process_main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]))
