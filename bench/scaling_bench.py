@@ -72,9 +72,9 @@ def main() -> None:
     parser.add_argument("--gpus", default="1,2", help="Device counts to measure, in this order, e.g. 1,2,4,8.")
     parser.add_argument("--esm2-size", choices=sorted(ESM2_SIZES), default="3B")
     parser.add_argument("--warmup-reads", type=int, default=2000,
-                        help="An untimed run of this many reads first, on GPU 0 (0: none). It fills torch.compile's "
-                             "cache for the timed runs only if its shard is compiled: ESM-2 from 8M tokens "
-                             "(~100k reads) on; bench/startup_profile.py compiles both models on any input.")
+                        help="An untimed run of this many reads first, on GPU 0 (0: none), with its layers compiled "
+                             "whatever its size: it fills torch.compile's cache, as any earlier sample on the host "
+                             "would, so no timed run pays a cold compilation.")
     parser.add_argument("--first-gpu", type=int, default=0,
                         help="Use GPUs first-gpu, first-gpu + 1, ...: two invocations on disjoint GPUs can run at once.")
     parser.add_argument("--prepare-only", action="store_true", help="Write the models and reads, then stop.")
@@ -95,7 +95,8 @@ def main() -> None:
         return
     if args.warmup_reads:
         warmup = run_sample(write_reads(args.workdir, args.warmup_reads), shards=1, dtype=dtype, until="embeddings",
-                            home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0], **models)
+                            home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0],
+                            compile_min_tokens=0, **models)
         print(f"warm-up (untimed):\n{warmup.summary()}", flush=True)
     reads = write_reads(args.workdir, args.reads)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}

@@ -84,7 +84,7 @@ def test_packed_forward_matches_reference(tiny, chunks, backend):
 def test_sequences_longer_than_alibi_starting_size(tiny_one_layer, backend):
     t4 = genome("t4.fasta")
     long = [t4[:2000], t4[50000:52400], t4[100000:101900]]
-    tokens = DnabertSTokenizer(tiny_one_layer / "tokenizer.json").count_tokens(long)
+    tokens = DnabertSTokenizer(tiny_one_layer / "tokenizer.json").encode_many(long, ["a", "b", "c"]).lengths
     assert tokens.min() > 512 and tokens.max() < 800
     packed = embed_packed(tiny_one_layer, long, backend)
     assert cosines(packed, reference_embed(tiny_one_layer, long)).min() >= 0.99999
@@ -208,13 +208,15 @@ def test_tokenizer_without_cls_sep_template_is_rejected(tmp_path):
         DnabertSTokenizer(tmp_path / "tokenizer.json")
 
 
-def test_tokenizer_upper_cases_counts_and_pickles(tiny, chunks):
+def test_tokenizer_upper_cases_counts_and_pickles(tiny, chunks, tmp_path):
     tokenizer = DnabertSTokenizer(tiny / "tokenizer.json")
     np.testing.assert_array_equal(tokenizer.encode(chunks[0].lower(), "a")[0], tokenizer.encode(chunks[0], "b")[0])
     lengths = [len(tokenizer.encode(s, "r")[0]) for s in chunks]
-    np.testing.assert_array_equal(tokenizer.count_tokens(chunks), lengths)
+    np.testing.assert_array_equal(tokenizer.encode_many(chunks, [str(i) for i in range(len(chunks))]).lengths, lengths)
     clone = pickle.loads(pickle.dumps(tokenizer))
     np.testing.assert_array_equal(clone.encode(chunks[1], "r")[0], tokenizer.encode(chunks[1], "r")[0])
+    other = write_tiny_model(tmp_path / "other", seed=1)
+    assert clone.digest == tokenizer.digest != DnabertSTokenizer(other / "tokenizer.json").digest
     with pytest.raises(ValueError, match="'empty_one'"):
         tokenizer.encode("", "empty_one")
 

@@ -341,3 +341,43 @@ def test_embed_shards_returns_a_failed_job_in_its_place_and_runs_the_others(tmp_
     assert any("bad.h5" in note for note in outcomes[0].__notes__)
     assert not (tmp_path / "bad.h5").exists()
     assert outcomes[1].sequences == 10 and read_embeddings(tmp_path / "good.h5").ids == ids
+
+
+@dataclass
+class StoredTokens:
+    """A job's stored-token reader: hands out `tokenized` to the tokenizer whose digest it holds."""
+
+    digest: str
+    tokenized: object
+    asked: list[str]
+
+    def __call__(self, tokenizer: SequenceTokenizer):
+        self.asked.append(tokenizer.digest)
+        return self.tokenized if tokenizer.digest == self.digest else None
+
+
+def test_embed_shards_embeds_stored_tokens_made_by_the_models_tokenizer(tmp_path):
+    from vnp_core.engine import load_tokenizer
+    from vnp_core.models.dnabert_s import write_tiny_model
+
+    dnabert_s = write_tiny_model(tmp_path / "dnabert_s_tiny")
+    genome = "".join(line.strip() for line in (REAL_DATA / "phiX174.fasta").read_text().splitlines()[1:])
+    ids = [f"phiX_{start}" for start in range(0, 3000, 100)]
+    chunks = [genome[start : start + 150] for start in range(0, 3000, 100)]
+    tokenizer = load_tokenizer("dnabert_s", dnabert_s, config())
+    # Stored tokens of other sequences: the vectors show which tokens were embedded.
+    shifted = tokenizer.encode_many(chunks[1:] + chunks[:1], ids)
+    rows = RecordedRows(ids, chunks, [])
+    stored = StoredTokens(tokenizer.digest, shifted, [])
+    stale = StoredTokens("another tokenizer", shifted, [])
+    outcomes = embed_shards([ShardJob("dnabert_s", dnabert_s, rows, tmp_path / "stored.h5", config(), tokens=stored),
+                             ShardJob("dnabert_s", dnabert_s, rows, tmp_path / "stale.h5", config(), tokens=stale)])
+    assert [outcome.sequences for outcome in outcomes] == [30, 30] and stored.asked == stale.asked == [tokenizer.digest]
+    model = load_model("dnabert_s", dnabert_s, config())
+    embed_sequences(model, ids, chunks[1:] + chunks[:1], tmp_path / "shifted.h5", config())
+    embed_sequences(model, ids, chunks, tmp_path / "tokenised.h5", config())
+    np.testing.assert_array_equal(read_embeddings(tmp_path / "stored.h5").embeddings,
+                                  read_embeddings(tmp_path / "shifted.h5").embeddings)
+    # Tokens of another tokenizer are not used: the rows are tokenised again.
+    np.testing.assert_array_equal(read_embeddings(tmp_path / "stale.h5").embeddings,
+                                  read_embeddings(tmp_path / "tokenised.h5").embeddings)

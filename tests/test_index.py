@@ -7,7 +7,8 @@ import pytest
 
 from vnp_core.config import PrepConfig
 from vnp_core.fasta import FastaRecord, read_fasta
-from vnp_core.index import build_index, index_summary, read_index, write_index
+from vnp_core.index import TOKEN_IDS, ShardRows, build_index, index_summary, read_index, write_index
+from vnp_core.models.dnabert_s import DnabertSTokenizer, write_tiny_model
 from vnp_core.prep import prepare_records
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -67,8 +68,26 @@ def test_token_counts():
     assert rows["r_chunk_1F3"]["esm2_tokens"] == 4
     assert rows["r_chunk_1F3"]["dnabert_s_tokens"] == math.ceil(7 / 4.5) + 2  # the documented estimate
 
-    counted = build_index(frames, num_shards=1, dnabert_token_counter=lambda seqs: np.array([len(s) + 100 for s in seqs]))
-    assert (counted["dnabert_s_tokens"] == counted["nucleotide_length"] + 100).all()
+
+
+def test_dnabert_s_token_ids_are_kept_with_their_tokenizer_and_read_back_per_shard(tmp_path, t4_frames):
+    tokenizer = DnabertSTokenizer(write_tiny_model(tmp_path / "dnabert_s") / "tokenizer.json")
+    index = build_index(t4_frames, num_shards=3, dnabert_tokenizer=tokenizer)
+    path = tmp_path / "index.parquet"
+    write_index(index, path, dnabert_tokenizer=tokenizer)
+    for shard in range(3):
+        rows = ShardRows(path, shard, "nucleotide")
+        ids, sequences = rows()
+        stored, fresh = rows.tokens(tokenizer), tokenizer.encode_many(sequences, ids)
+        np.testing.assert_array_equal(stored.lengths, fresh.lengths)
+        np.testing.assert_array_equal(stored.tokens, fresh.tokens)
+        assert stored.lengths.tolist() == index.filter(pl.col("shard") == shard)["dnabert_s_tokens"].to_list()
+    # Ids made by another tokenizer, or asked for the protein column, are not handed out.
+    other = DnabertSTokenizer(write_tiny_model(tmp_path / "other", seed=1) / "tokenizer.json")
+    assert ShardRows(path, 0, "nucleotide").tokens(other) is None
+    assert ShardRows(path, 0, "protein").tokens(tokenizer) is None
+    # The other stages read the index without them.
+    assert TOKEN_IDS not in read_index(path).columns
 
 
 def test_summary_adds_up(t4_frames):

@@ -35,6 +35,8 @@ class VnpSettings(ConfigurableResource):
         default=False, description="Allow a pickled whole-module classifier (loading it runs code from the file).")
     dtype: str | None = Field(default=None, description="float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU).")
     max_tokens: int | None = Field(default=None, description="Token budget of one pack (default: sized from free memory).")
+    compile_min_tokens: int | None = Field(
+        default=None, description="Compile a shard's layers from this many tokens on (default: each model's break-even; 0: always).")
     validation_sample_size: int = Field(default=512, description="Sequences per model recomputed in fp32 for the report.")
 
     def sample_layout(self, sample: str) -> SampleLayout:
@@ -82,7 +84,7 @@ class VnpSettings(ConfigurableResource):
     def vnp_config(self, device: str = "cpu") -> VnpConfig:
         """The typed configuration of one step; `device` is what the step runs its models on."""
         embed = EmbedConfig(device=device, dtype=self.dtype or ("float32" if device == "cpu" else "float16"),
-                            max_tokens=self.max_tokens)
+                            max_tokens=self.max_tokens, compile_min_tokens=self.compile_min_tokens)
         return VnpConfig(
             storage_root=Path(self.storage_root),
             prep=PrepConfig(chunk_length=self.chunk_length, skip_bad_records=self.skip_bad_records,

@@ -59,7 +59,8 @@ class SampleRun:
 def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = None, home: Path = Path("vnp_home"),
                esm2_model: Path | None = None, dnabert_s_model: Path | None = None, classifier: Path | None = None,
                trust_classifier_pickle: bool = False, dtype: str | None = None,
-               devices: Sequence[int] | None = None, until: str = "virnucpro_predictions") -> SampleRun:
+               devices: Sequence[int] | None = None, until: str = "virnucpro_predictions",
+               compile_min_tokens: int | None = None) -> SampleRun:
     """Materializes `input` as one sample up to the stage `until` (one of `STAGES`), on `devices` (default:
     every GPU, or the CPU)."""
     if until not in STAGES:
@@ -75,7 +76,7 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         storage_root=str(home / "storage"), inbox_dir=str(home / "inbox"), chunk_length=chunk_length, num_shards=shards,
         esm2_model=_optional_str(esm2_model), dnabert_s_model=_optional_str(dnabert_s_model),
         classifier=_optional_str(classifier), trust_classifier_pickle=trust_classifier_pickle, dtype=dtype,
-        devices=None if devices is None else list(devices),
+        devices=None if devices is None else list(devices), compile_min_tokens=compile_min_tokens,
     ).with_fixed_shard_count()
     if "gpu" not in instance.event_log_storage.get_concurrency_keys():
         # Sized once: the same home serves `dagster dev`, whose runs queue their GPU steps on this pool.

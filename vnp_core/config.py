@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from vnp_core.models import SequenceTokenizer, Tokenized
 
 ChunkLength = Literal[300, 500]
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -44,6 +47,9 @@ class EmbedConfig:
     # torch.compile each transformer layer on CUDA, fusing its elementwise work (LayerNorm, rotary,
     # GELU, residuals); attention stays an opaque kernel. +13% on ESM-2 3B on an H200 (bench/).
     compile_layers: bool = True
+    # A shard's layers are compiled from this many tokens on (None: the model's own measured break-even,
+    # `LoadedModel.compile_min_tokens`); 0 compiles every shard, e.g. to fill the compile cache.
+    compile_min_tokens: int | None = None
     # ESM-2 was trained on crops of 1022 residues: longer proteins keep their N-terminal part.
     max_protein_length: int = 1022
     # CPU worker processes that tokenise before the device loop (0: in the main process). Both
@@ -70,6 +76,8 @@ class ShardJob:
     out: Path
     config: EmbedConfig
     attrs: dict = field(default_factory=dict)  # written into the shard beside the model's own
+    # Picklable; the rows' token ids made earlier (the index's), or None when this tokenizer did not make them.
+    tokens: Callable[[SequenceTokenizer], Tokenized | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -201,15 +201,22 @@ def load_job(job: ShardJob) -> _PreparedJob:
         loading = weights.submit(load_model, job.kind, job.model_path, config)
         ids, sequences = job.rows()
         _check_ids(ids, sequences, job.out)
-        tokenized = tokenize(load_tokenizer(job.kind, job.model_path, config), ids, sequences, config.num_workers)
+        tokenizer = load_tokenizer(job.kind, job.model_path, config)
+        tokenized = job.tokens(tokenizer) if job.tokens is not None else None
+        stored = tokenized is not None
+        if stored and len(tokenized) != len(ids):
+            raise ValueError(f"{job.out}: {len(tokenized)} stored token sequences for {len(ids)} rows")
+        if not stored:
+            tokenized = tokenize(tokenizer, ids, sequences, config.num_workers)
         tokens_seconds = time.perf_counter() - start
         model = loading.result()
-    if job.config.compile_layers and model.device.type == "cuda" and len(tokenized.tokens) >= model.compile_min_tokens:
+    compile_min_tokens = model.compile_min_tokens if job.config.compile_min_tokens is None else job.config.compile_min_tokens
+    if job.config.compile_layers and model.device.type == "cuda" and len(tokenized.tokens) >= compile_min_tokens:
         model.module.compile_layers()  # wraps the layers (and imports the compiler) here; tracing waits for the first pack
         model = replace(model, compiled=True)
     load_seconds = time.perf_counter() - start
-    log.info("%s: %s rows read and tokenised in %.1f s, model and rows ready in %.1f s",
-             job.kind, f"{len(ids):,}", tokens_seconds, load_seconds)
+    log.info("%s: %s rows and their tokens (%s) in %.1f s, model and rows ready in %.1f s", job.kind, f"{len(ids):,}",
+             "stored ones" if stored else "tokenised here", tokens_seconds, load_seconds)
     return _PreparedJob(model, ids, tokenized, load_seconds)
 
 

@@ -79,7 +79,8 @@ def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsD
             for kind in kinds:
                 layout.embeddings(kind, shard).parent.mkdir(parents=True, exist_ok=True)
                 jobs.append(ShardJob(kind, getattr(config.models, kind), rows[kind], layout.embeddings(kind, shard),
-                                     getattr(config, kind), {"sample": sample, "chunk_length": vnp.chunk_length}))
+                                     getattr(config, kind), {"sample": sample, "chunk_length": vnp.chunk_length},
+                                     tokens=rows[kind].tokens))
             outcomes = run_logging_progress(context.log, embed_shards, jobs, device=device)
 
         failed = []

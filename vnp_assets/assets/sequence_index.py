@@ -18,9 +18,8 @@ def sequence_index(context: AssetExecutionContext, vnp: VnpSettings) -> Material
     config = vnp.vnp_config()
     prep = prepare_fasta(layout.input_fasta, layout.prep_dir, config.prep)
     dnabert_s_tokenizer = DnabertSTokenizer(config.models.dnabert_s / "tokenizer.json")
-    index = build_index(prep.frames, num_shards=config.prep.num_shards,
-                        dnabert_token_counter=dnabert_s_tokenizer.count_tokens)
-    write_index(index, layout.index)
+    index = build_index(prep.frames, num_shards=config.prep.num_shards, dnabert_tokenizer=dnabert_s_tokenizer)
+    write_index(index, layout.index, dnabert_tokenizer=dnabert_s_tokenizer)
     summary = index_summary(index)
     for bad in prep.skipped_records:
         context.log.warning(f"{layout.input_fasta} line {bad.line}: skipped record {bad.id!r}: {bad.problem}")

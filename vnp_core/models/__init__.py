@@ -47,6 +47,11 @@ class Tokenized:
 class SequenceTokenizer:
     """Turns sequences into token ids (specials included). Picklable: runs in worker processes."""
 
+    @property
+    def digest(self) -> str:
+        """Names the mapping from sequences to ids: token ids stored earlier are reused only under the same digest."""
+        raise NotImplementedError
+
     def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
         """Token ids, and whether the input was truncated. Unknown letters raise `ValueError` naming the record."""
         raise NotImplementedError
@@ -55,6 +60,15 @@ class SequenceTokenizer:
         """`encode` of every sequence; a tokenizer with a faster batch path overrides it."""
         encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
         return Tokenized.concat([ids for ids, _ in encoded], truncated=sum(truncated for _, truncated in encoded))
+
+
+def checkpoint_embedding(num_embeddings: int, dim: int, padding_idx: int | None = None) -> torch.nn.Embedding:
+    """An `nn.Embedding` left uninitialised, for a model built on the meta device and given a checkpoint.
+
+    Its usual random init is `normal_`, which on the meta device imports torch._dynamo: 3-4 s of a
+    GPU step's start on an H200 host, before the first model could run.
+    """
+    return torch.nn.Embedding(num_embeddings, dim, padding_idx, _weight=torch.empty(num_embeddings, dim))
 
 
 @dataclass

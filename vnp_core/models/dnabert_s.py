@@ -25,7 +25,7 @@ from torch import nn
 from vnp_core.atomic import atomic_path
 from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized
+from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized, checkpoint_embedding
 from vnp_core.packing import PackedBatch, segment_mean
 
 POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"
@@ -91,6 +91,7 @@ class DnabertSTokenizer(SequenceTokenizer):
 
     def __init__(self, tokenizer_json: Path):
         self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        self._digest = "dnabert_s upper-cased, tokenizer.json sha256=" + hashlib.sha256(Path(tokenizer_json).read_bytes()).hexdigest()
         # A tokenizer.json may carry a padding or truncation setting; packing needs neither.
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
@@ -98,6 +99,10 @@ class DnabertSTokenizer(SequenceTokenizer):
         wrapped = [self._tokenizer.token_to_id("[CLS]"), self._tokenizer.token_to_id("[SEP]")]
         if None in wrapped or self._tokenizer.encode("").ids != wrapped:
             raise ValueError(f"{tokenizer_json}: its post-processor must wrap each sequence as [CLS] ... [SEP]")
+
+    @property
+    def digest(self) -> str:
+        return self._digest
 
     def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
         ids = self._tokenizer.encode(sequence.upper()).ids
@@ -115,11 +120,6 @@ class DnabertSTokenizer(SequenceTokenizer):
         if (empty := next((i for i, ids in enumerate(encoded) if len(ids) <= 2), None)) is not None:
             raise ValueError(f"record {record_ids[empty]!r}: empty nucleotide sequence")
         return Tokenized.concat(encoded)
-
-    def count_tokens(self, sequences: list[str]) -> np.ndarray:
-        """Token count of each sequence, [CLS] and [SEP] included (tokenised in parallel)."""
-        encodings = self._tokenizer.encode_batch([s.upper() for s in sequences])
-        return np.array([len(e.ids) for e in encodings], dtype=np.int64)
 
 
 class DnabertSLayer(nn.Module):
@@ -158,8 +158,8 @@ class PackedDnabertS(nn.Module):
         d = config.hidden_size
         self.attention_backend = attention_backend
         self.embeddings = nn.ModuleDict(dict(
-            word_embeddings=nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id),
-            token_type_embeddings=nn.Embedding(config.type_vocab_size, d),
+            word_embeddings=checkpoint_embedding(config.vocab_size, d, padding_idx=config.pad_token_id),
+            token_type_embeddings=checkpoint_embedding(config.type_vocab_size, d),
             LayerNorm=nn.LayerNorm(d, eps=config.layer_norm_eps),
         ))
         self.encoder = nn.ModuleDict(dict(

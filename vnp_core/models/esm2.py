@@ -28,7 +28,7 @@ from torch import nn
 from vnp_core.atomic import atomic_path
 from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized
+from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized, checkpoint_embedding
 from vnp_core.packing import PackedBatch, segment_mean
 
 # The ESM-1b alphabet of every ESM-2 model, in token-id order.
@@ -69,6 +69,10 @@ class ESM2Tokenizer(SequenceTokenizer):
     """`[cls] residues [eos]`; proteins longer than `max_residues` keep their N-terminal part."""
 
     max_residues: int | None = 1022
+
+    @property
+    def digest(self) -> str:
+        return f"esm2 alphabet, max_residues={self.max_residues}"
 
     def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
         if not sequence:
@@ -171,7 +175,7 @@ class PackedESM2(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attention_backend = attention_backend
-        self.embed_tokens = nn.Embedding(len(TOKENS), cfg.embed_dim)
+        self.embed_tokens = checkpoint_embedding(len(TOKENS), cfg.embed_dim)
         self.layers = nn.ModuleList(TransformerLayer(cfg.embed_dim, cfg.attention_heads) for _ in range(cfg.num_layers))
         self.emb_layer_norm_after = nn.LayerNorm(cfg.embed_dim, eps=LAYER_NORM_EPS)
 
@@ -180,6 +184,7 @@ class PackedESM2(nn.Module):
         """Random weights (for benchmarks), allocated directly on `device`."""
         with torch.device(device):
             model = cls(cfg, attention_backend)
+            nn.init.normal_(model.embed_tokens.weight)  # the one tensor `checkpoint_embedding` leaves unset
         return model.to(dtype).eval().requires_grad_(False)
 
     @classmethod
