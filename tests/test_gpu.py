@@ -108,6 +108,16 @@ def test_device_process_sees_exactly_the_leased_gpu(four_gpus, tmp_path):
     assert run_in_device_process(_visible_devices, device=None) == ""
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_device_process_cpu_thread_pool_can_be_capped():
+    assert run_in_device_process(_torch_threads, device=None, cpu_threads=1) == 1
+
+
 def _fail(record_id: str) -> None:
     raise ValueError(f"record {record_id!r} is broken")
 

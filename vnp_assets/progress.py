@@ -54,13 +54,15 @@ class ProgressFiles:
         return lines
 
 
-def run_logging_progress(log: Logger, fn: Callable[..., Any], *args, device: int | None, **kwargs) -> Any:
+def run_logging_progress(log: Logger, fn: Callable[..., Any], *args, device: int | None,
+                         cpu_threads: int | None = None, **kwargs) -> Any:
     """`run_in_device_process(fn, *args, progress=<ProgressFiles>, ...)`, logging its progress while it runs."""
     from vnp_core.gpu import run_in_device_process
 
     with tempfile.TemporaryDirectory(prefix="vnp-progress-") as tmp, ThreadPoolExecutor(1) as pool:
         progress = ProgressFiles(Path(tmp))
-        result = pool.submit(run_in_device_process, fn, *args, device=device, progress=progress, **kwargs)
+        result = pool.submit(run_in_device_process, fn, *args, device=device, cpu_threads=cpu_threads,
+                             progress=progress, **kwargs)
         while not wait([result], timeout=LOG_EVERY_S).done:
             for line in progress.new_reports():
                 log.info(line)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -46,6 +47,10 @@ class VnpSettings(ConfigurableResource):
         from vnp_core.gpu import discover_devices
 
         return discover_devices(self.devices)
+
+    def cpu_threads_per_gpu(self) -> int:
+        """The host's cores shared out among its usable GPUs: each GPU step's CPU thread pool."""
+        return max(1, (os.cpu_count() or 1) // max(1, len(self.usable_devices())))
 
     def shard_count(self) -> int:
         return self.num_shards or max(1, len(self.usable_devices()))

@@ -103,16 +103,21 @@ class GpuLease:
         self.release()
 
 
-def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, **kwargs) -> Any:
+def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, cpu_threads: int | None = None,
+                          **kwargs) -> Any:
     """`fn(*args, **kwargs)` in a fresh Python process that sees only physical GPU `device` (None: no GPU).
 
     The child gets `CUDA_VISIBLE_DEVICES` in its environment from its first instruction, before
-    anything could initialise CUDA; inside it the GPU is `cuda:0`. `fn`, its arguments and its
-    result must be picklable. The child's exception is raised here with its traceback as a note.
+    anything could initialise CUDA; inside it the GPU is `cuda:0`. `cpu_threads` caps its torch
+    (OpenMP) thread pool: a GPU's process needs few, and one pool of every core per GPU makes the
+    processes of a host's GPUs slow each other down. `fn`, its arguments and its result must be
+    picklable. The child's exception is raised here with its traceback as a note.
     """
     where = "no GPU" if device is None else f"GPU {device}"
     name = getattr(fn, "__qualname__", repr(fn))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if device is None else str(device)}
+    if cpu_threads is not None:
+        env["OMP_NUM_THREADS"] = str(cpu_threads)
     with tempfile.TemporaryDirectory(prefix="vnp-device-") as tmp:
         call, result = Path(tmp, "call.pkl"), Path(tmp, "result.pkl")
         # Two layers: the child restores sys.path before it unpickles `fn`, so fn's module imports.

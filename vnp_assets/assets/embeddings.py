@@ -81,7 +81,8 @@ def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsD
                 jobs.append(ShardJob(kind, getattr(config.models, kind), rows[kind], layout.embeddings(kind, shard),
                                      getattr(config, kind), {"sample": sample, "chunk_length": vnp.chunk_length},
                                      tokens=rows[kind].tokens))
-            outcomes = run_logging_progress(context.log, embed_shards, jobs, device=device)
+            outcomes = run_logging_progress(context.log, embed_shards, jobs, device=device,
+                                            cpu_threads=None if device is None else vnp.cpu_threads_per_gpu())
 
         failed = []
         for kind, outcome in zip(kinds, outcomes, strict=True):
