@@ -7,7 +7,14 @@ import pytest
 
 from vnp_core.config import PrepConfig
 from vnp_core.fasta import FastaRecord, read_fasta
-from vnp_core.index import TOKEN_IDS, ShardRows, build_index, index_summary, read_index, write_index
+from vnp_core.index import (
+    TOKEN_IDS,
+    ShardRows,
+    build_index,
+    index_summary,
+    read_index,
+    write_index,
+)
 from vnp_core.models.dnabert_s import DnabertSTokenizer, write_tiny_model
 from vnp_core.prep import prepare_records
 

@@ -6,8 +6,8 @@ device -> results read back once the compute has finished -> checkpoint writer t
 count out checked -> atomic rename to the shard.
 
 A device process runs a list of `ShardJob`s (both models over one shard) with `embed_shards`: while
-one job computes, the next job's rows are read, tokenised and its model loaded on a thread, so the
-device waits only for the first job's.
+one job computes, the next job's rows are read, tokenised (or their stored token ids read) and its
+model loaded on a thread, so the device waits only for the first job's.
 
 A killed run resumes from its last durable checkpoint. Packs are planned greedily in input order,
 so planning again from a checkpoint (always a pack boundary) with the same budget reproduces the
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
-import sys
 import time
 import traceback
 from collections import Counter, deque
@@ -53,8 +52,6 @@ FREE_MEMORY_SHARE = 0.5
 # DNABERT-S still gains up to 256k tokens a pack on an H200 (+17-30% over 64k); ESM-2 3B is flat past
 # 64k (bench/results/). Bigger packs would only make checkpoints rarer.
 MAX_AUTO_TOKENS = 1 << 18
-# GIL switch interval while a job loads beside the device loop (`embed_shards`); Python's default is 5 ms.
-LOADING_SWITCH_INTERVAL_S = 0.0005
 
 
 class NonFiniteEmbeddingError(RuntimeError):
@@ -171,8 +168,10 @@ def embed_shards(jobs: Sequence[ShardJob],
     finished shard.
     """
     outcomes: list[EmbedStats | Exception] = []
-    with _gil_switch_interval(LOADING_SWITCH_INTERVAL_S), ThreadPoolExecutor(1, thread_name_prefix="vnp-load") as loader:
+    with ThreadPoolExecutor(1, thread_name_prefix="vnp-load") as loader:
         loading = deque(loader.submit(load_job, job) for job in jobs)
+        if any(job.config.compile_layers and torch.device(job.config.device).type == "cuda" for job in jobs):
+            _import_compiler()  # while the first job loads
         for job in jobs:
             waiting = time.perf_counter()
             try:
@@ -190,17 +189,14 @@ def embed_shards(jobs: Sequence[ShardJob],
     return outcomes
 
 
-@contextmanager
-def _gil_switch_interval(seconds: float) -> Iterator[None]:
-    """While the loader runs Python (unpickling, importing the compiler), the device loop waits for the
-    GIL at its launches, up to the switch interval each time: at the default 5 ms, DNABERT-S ran 15%
-    slower on an H200 while the 3B ESM-2 loaded beside it."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
+def _import_compiler() -> None:
+    """Import torch.compile's machinery (4-5 s of Python on an H200 host) before any job computes.
+
+    Imported later, on the loading thread, it overlapped the first job's device loop, whose launches
+    then waited for the GIL: DNABERT-S ran at 595-669k tokens/s beside it against 766-803k without it.
+    """
+    import torch._dynamo  # noqa: F401
+    import torch._inductor  # noqa: F401
 
 
 def load_job(job: ShardJob) -> _PreparedJob:
@@ -228,7 +224,7 @@ def load_job(job: ShardJob) -> _PreparedJob:
         model = loading.result()
     compile_min_tokens = model.compile_min_tokens if job.config.compile_min_tokens is None else job.config.compile_min_tokens
     if job.config.compile_layers and model.device.type == "cuda" and len(tokenized.tokens) >= compile_min_tokens:
-        model.module.compile_layers()  # wraps the layers (and imports the compiler) here; tracing waits for the first pack
+        model.module.compile_layers()  # wraps the layers here; tracing waits for the first pack
         model = replace(model, compiled=True)
     load_seconds = time.perf_counter() - start
     log.info("%s: %s rows and their tokens (%s) in %.1f s, model and rows ready in %.1f s", job.kind, f"{len(ids):,}",

@@ -109,9 +109,9 @@ def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, 
 
     The child gets `CUDA_VISIBLE_DEVICES` in its environment from its first instruction, before
     anything could initialise CUDA; inside it the GPU is `cuda:0`. `cpu_threads` caps its torch
-    (OpenMP) thread pool: a GPU's process needs few, and one pool of every core per GPU makes the
-    processes of a host's GPUs slow each other down. `fn`, its arguments and its result must be
-    picklable. The child's exception is raised here with its traceback as a note.
+    (OpenMP) thread pool, as torchrun does for its workers: a GPU's process does little CPU tensor
+    work, and one pool of every core per GPU would oversubscribe the host. `fn`, its arguments and
+    its result must be picklable. The child's exception is raised here with its traceback as a note.
     """
     where = "no GPU" if device is None else f"GPU {device}"
     name = getattr(fn, "__qualname__", repr(fn))

@@ -12,7 +12,6 @@ seconds sooner: tokenising a 350k-row shard took 5-6 s on an H200 host, while th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 

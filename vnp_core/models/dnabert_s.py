@@ -25,7 +25,12 @@ from torch import nn
 from vnp_core.atomic import atomic_path
 from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized, checkpoint_embedding
+from vnp_core.models import (
+    LoadedModel,
+    SequenceTokenizer,
+    Tokenized,
+    checkpoint_embedding,
+)
 from vnp_core.packing import PackedBatch, segment_mean
 
 POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"

@@ -28,7 +28,12 @@ from torch import nn
 from vnp_core.atomic import atomic_path
 from vnp_core.attention import AttentionPlan, attend, plan_attention, select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized, checkpoint_embedding
+from vnp_core.models import (
+    LoadedModel,
+    SequenceTokenizer,
+    Tokenized,
+    checkpoint_embedding,
+)
 from vnp_core.packing import PackedBatch, segment_mean
 
 # The ESM-1b alphabet of every ESM-2 model, in token-id order.
@@ -43,11 +48,11 @@ _RESIDUE_IDS[[ord(r) for r in RESIDUES]] = [TOKENS.index(r) for r in RESIDUES]
 TOKEN_DROPOUT_KEEP = 1 - 0.15 * 0.8
 LAYER_NORM_EPS = 1e-5
 POOLING = "mean over residues, BOS/EOS excluded, fp32"
-# Compiled layers run ESM-2 3B 12% faster on an H200 (81.6k -> 91.7k tokens/s, bench/results/), and
-# compiling cost 6-14 s there (importing the compiler 3.4 s, compiling 2.7 s with a warm cache,
-# results/startup_profile_h200.txt; first packs of 5.6-14.1 s in results/scaling_h200x2_3b.json):
-# at ~8 s it pays from ~6M tokens on.
-COMPILE_MIN_TOKENS = 8_000_000
+# Compiled layers run ESM-2 3B 12-19% faster on an H200 (eager 77-79k tokens/s, compiled 91-95k,
+# bench/results/). With torch.compile's cache warm (any earlier shard of the same read length on the
+# host), a compiled first pack took 5.2-6.1 s, no longer than an eager one (8.2-8.8 s); cold, 12.6-14.6 s.
+# At ~2 us saved per token, even a cold compilation pays from ~4M tokens, a warm one at once.
+COMPILE_MIN_TOKENS = 2_000_000
 
 # Heads by width for the released ESM-2 sizes: the one thing a state dict's shapes do not tell.
 RELEASED_HEADS = {320: 20, 480: 20, 640: 20, 1280: 20, 2560: 40, 5120: 40}
