@@ -190,7 +190,7 @@ def embed_shards(jobs: Sequence[ShardJob],
 
 
 def _import_compiler() -> None:
-    """Import torch.compile's machinery (4-5 s of Python on an H200 host) before any job computes.
+    """Import torch.compile's machinery (3.4-4.5 s of Python on an H200 host) before any job computes.
 
     Imported later, on the loading thread, it overlapped the first job's device loop, whose launches
     then waited for the GIL: DNABERT-S ran at 595-669k tokens/s beside it against 766-803k without it.

@@ -65,8 +65,8 @@ class SequenceTokenizer:
 def checkpoint_embedding(num_embeddings: int, dim: int, padding_idx: int | None = None) -> torch.nn.Embedding:
     """An `nn.Embedding` left uninitialised, for a model built on the meta device and given a checkpoint.
 
-    Its usual random init is `normal_`, which on the meta device imports torch._dynamo: 3-4 s of a
-    GPU step's start on an H200 host, before the first model could run.
+    Its usual random init is `normal_`, which on the meta device imports torch._dynamo (3.4-4.5 s on
+    an H200 host, bench/results/startup_profile_h200*.txt) inside the first model's load.
     """
     return torch.nn.Embedding(num_embeddings, dim, padding_idx, _weight=torch.empty(num_embeddings, dim))
 

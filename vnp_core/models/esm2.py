@@ -48,10 +48,12 @@ _RESIDUE_IDS[[ord(r) for r in RESIDUES]] = [TOKENS.index(r) for r in RESIDUES]
 TOKEN_DROPOUT_KEEP = 1 - 0.15 * 0.8
 LAYER_NORM_EPS = 1e-5
 POOLING = "mean over residues, BOS/EOS excluded, fp32"
-# Compiled layers run ESM-2 3B 12-19% faster on an H200 (eager 77-79k tokens/s, compiled 91-95k,
-# bench/results/). With torch.compile's cache warm (any earlier shard of the same read length on the
-# host), a compiled first pack took 5.2-6.1 s, no longer than an eager one (8.2-8.8 s); cold, 12.6-14.6 s.
-# At ~2 us saved per token, even a cold compilation pays from ~4M tokens, a warm one at once.
+# Compiled layers run ESM-2 3B ~12% faster on an H200 (steady 82-84k tokens/s eager, 93k compiled:
+# ~1.3 us saved per token; bench/results/scaling_h200x2_3b_170k_a8eb6ae.json). With torch.compile's
+# cache warm (any earlier shard of the same read length on the host), a compiled first pack took
+# 5.2-6.1 s, no longer than an eager one (8.2-8.8 s), so compiling pays at once; a cold cache adds
+# ~5 s more (12.6-14.6 s), repaid from ~4M tokens. 2M: small enough that splitting a sample over
+# GPUs keeps its shards compiled, at worst ~2.5 s lost on a cold host.
 COMPILE_MIN_TOKENS = 2_000_000
 
 # Heads by width for the released ESM-2 sizes: the one thing a state dict's shapes do not tell.
