@@ -5,12 +5,21 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from vnp_core.gpu import DeviceProcessError, GpuLease, discover_devices, run_in_device_process
+from vnp_core.gpu import (
+    DeviceProcessError,
+    GpuLease,
+    discover_devices,
+    run_in_device_process,
+    start_spare_device_process,
+    stop_spare_device_process,
+)
 
 
 @pytest.fixture
@@ -136,3 +145,84 @@ def _killed() -> None:
 def test_device_process_killed_by_a_signal_is_an_error():
     with pytest.raises(DeviceProcessError, match=r"_killed on GPU 0 was killed by signal 9 \(SIGKILL\)"):
         run_in_device_process(_killed, device=0)
+
+
+# A module the test functions below never import: present in the child only if it was preloaded.
+PRELOADED = "vnp_core.simulate"
+
+
+def _process_facts() -> tuple[int, str, bool, int]:
+    import sys
+
+    import torch
+
+    return os.getpid(), os.environ["CUDA_VISIBLE_DEVICES"], PRELOADED in sys.modules, torch.get_num_threads()
+
+
+@pytest.fixture
+def spare():
+    start_spare_device_process([PRELOADED, "torch"])
+    yield
+    stop_spare_device_process()
+
+
+def test_spare_device_process_is_bound_to_the_leased_gpu_when_called(spare, four_gpus, tmp_path):
+    with GpuLease(discover_devices([2, 3]), tmp_path) as device:
+        first = run_in_device_process(_process_facts, device=device, cpu_threads=1)
+    assert first[1:] == ("2", True, 1)  # torch was imported before the call: its thread pool is capped all the same
+    second = run_in_device_process(_process_facts, device=3)
+    assert second[1:3] == ("3", True)  # the spare taken first was replaced at once
+    assert second[0] != first[0]
+
+
+def test_spare_that_died_waiting_is_replaced_by_a_fresh_process(four_gpus):
+    start_spare_device_process([PRELOADED])
+    import vnp_core.gpu
+
+    vnp_core.gpu._spare[0].kill()
+    vnp_core.gpu._spare[0].wait()
+    assert run_in_device_process(_process_facts, device=1)[1:3] == ("1", False)
+
+
+def test_device_process_refuses_its_gpu_once_cuda_has_started(monkeypatch):
+    # The driver reads CUDA_VISIBLE_DEVICES once, when it starts: setting it afterwards would do nothing.
+    from vnp_core.gpu import _bind
+
+    monkeypatch.setattr("vnp_core.gpu._cuda_driver_started", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not _bind({"CUDA_VISIBLE_DEVICES": "1"})
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_spare_whose_import_started_cuda_hands_its_call_to_a_fresh_process(tmp_path, monkeypatch, caplog):
+    # A preloaded module standing for an import that starts the CUDA driver in the spare.
+    (tmp_path / "starts_cuda.py").write_text("import sys\nsys.modules['__main__']._cuda_driver_started = lambda: True\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    start_spare_device_process(["starts_cuda", PRELOADED])
+    try:
+        _, visible, preloaded, _ = run_in_device_process(_process_facts, device=2)
+    finally:
+        stop_spare_device_process()
+    assert (visible, preloaded) == ("2", False)
+    assert "had started CUDA before its GPU was set: _process_facts on GPU 2 runs in a fresh process" in caplog.text
+
+
+def test_spare_leaves_when_its_parent_does(tmp_path):
+    pid_file = tmp_path / "spare.pid"
+    parent = (f"import vnp_core.gpu as g; g.start_spare_device_process(); "
+              f"open({str(pid_file)!r}, 'w').write(str(g._spare[0].pid))")
+    subprocess.run([sys.executable, "-c", parent], check=True, cwd=Path(__file__).resolve().parents[1])
+    spare_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while _alive(spare_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(spare_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"

@@ -5,7 +5,8 @@ instance at `home` (SQLite), so `DAGSTER_HOME=<home> dagster dev` shows their ru
 checks afterwards. The embedding steps (one per shard, both models) run side by side, one process
 each, as many at once as there are usable GPUs (one on a CPU-only host); each step still takes its
 own GPU lease. Processes rather than threads: Dagster's in-process execution is not thread-safe.
-Those processes start while the index is built, so their imports are paid before the GPUs wait.
+Those processes start while the index is built, so their imports, and those of each one's spare
+device process (`start_spare_device_process`), are paid before the GPUs wait.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from dagster import DagsterInstance, materialize
@@ -96,7 +98,7 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         materialize(assets, selection=[asset], partition_key=sample, resources={"vnp": settings}, instance=instance,
                     run_config=CONSOLE_AT_INFO)
 
-    with shard_workers(settings) as workers:
+    with shard_workers(settings, home) as workers:
         stage("sequence_index", materialize_sample, "sequence_index")
         if until != "sequence_index":
             stage(f"embeddings ({settings.num_shards} steps of {len(MODELS)} models)", embed_all_shards, workers, home,
@@ -121,23 +123,36 @@ def local_instance(home: Path) -> DagsterInstance:
 
 
 @contextmanager
-def shard_workers(settings: VnpSettings) -> Iterator[ProcessPoolExecutor]:
-    """One worker process per usable GPU (one without GPUs), started now and importing the asset code."""
+def shard_workers(settings: VnpSettings, home: Path) -> Iterator[ProcessPoolExecutor]:
+    """One worker process per usable GPU (one without GPUs), started now and made ready for its steps."""
     workers = max(1, len(settings.usable_devices()))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_prepare_step_worker, initargs=(settings.devices,)) as pool:
+                             initializer=_prepare_step_worker, initargs=(settings.devices, str(home))) as pool:
         for _ in range(workers):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
 
 
-def _prepare_step_worker(devices: list[int] | None) -> None:
-    """What every step of the worker would otherwise do first: import Dagster and the asset code,
-    and start the CUDA driver (counting the GPUs does; it creates no context on any GPU)."""
-    import vnp_assets.assets  # noqa: F401
-    from vnp_core.gpu import discover_devices
+def _prepare_step_worker(devices: list[int] | None, home: str) -> None:
+    """What every step of the worker would otherwise do first, done while the index is built: start
+    the CUDA driver (counting the GPUs does; it creates no context on any GPU), import Dagster and
+    the asset code, open the instance; and, first, start the spare device process of its first step,
+    which imports the engine and, on a GPU host, torch.compile's machinery (3.4-4.5 s more)."""
+    from vnp_core.gpu import discover_devices, start_spare_device_process
 
-    discover_devices(devices)
+    gpus = discover_devices(devices)
+    from vnp_core.engine import COMPILER_MODULES, EMBED_SHARDS_MODULES
+
+    start_spare_device_process([*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus else ())])
+    import vnp_assets.assets  # noqa: F401
+
+    worker_instance(home)
+
+
+@cache
+def worker_instance(home: str) -> DagsterInstance:
+    """The instance at `home`, opened once per process: opening one imports and connects its storage (~1 s)."""
+    return DagsterInstance.from_config(home)
 
 
 def embed_all_shards(workers: ProcessPoolExecutor, home: Path, settings: VnpSettings, sample: str) -> None:
@@ -152,7 +167,7 @@ def materialize_shard(home: str, settings: dict, sample: str, shard: int, models
     vnp = VnpSettings(**settings)
     result = materialize(build_assets(vnp.num_shards), selection=[f"{kind}_embeddings" for kind in models],
                          partition_key=sample_shard_key(sample, shard), resources={"vnp": vnp},
-                         instance=DagsterInstance.from_config(home), run_config=CONSOLE_AT_INFO, raise_on_error=False)
+                         instance=worker_instance(home), run_config=CONSOLE_AT_INFO, raise_on_error=False)
     if result.success:
         return None
     errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]

@@ -17,6 +17,7 @@ killed run's remaining packs exactly, and with them its vectors bit for bit.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import multiprocessing
 import time
@@ -25,7 +26,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -189,14 +190,22 @@ def embed_shards(jobs: Sequence[ShardJob],
     return outcomes
 
 
+# What `embed_shards` of index shards imports as it runs, and torch.compile's machinery, which it
+# imports before a job that may compile computes (`_import_compiler`): a spare device process
+# (`vnp_core.gpu.start_spare_device_process`) can import them ahead.
+EMBED_SHARDS_MODULES = ("vnp_core.engine", "vnp_core.index", "vnp_core.models.esm2", "vnp_core.models.dnabert_s")
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
+
+
 def _import_compiler() -> None:
-    """Import torch.compile's machinery (3.4-4.5 s of Python on an H200 host) before any job computes.
+    """Import torch.compile's machinery (3.4-4.5 s of Python on an H200 host) before any job computes;
+    at once if a spare device process imported it ahead.
 
     Imported later, on the loading thread, it overlapped the first job's device loop, whose launches
     then waited for the GIL: DNABERT-S ran at 595-669k tokens/s beside it against 766-803k without it.
     """
-    import torch._dynamo  # noqa: F401
-    import torch._inductor  # noqa: F401
+    for module in COMPILER_MODULES:
+        importlib.import_module(module)
 
 
 def load_job(job: ShardJob) -> _PreparedJob:

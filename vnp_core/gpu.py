@@ -2,13 +2,17 @@
 
 A lease is an `fcntl.flock` on `<lock_dir>/gpu<N>.lock`. The kernel drops a flock when its holder
 exits, however it exits (SIGKILL included), so a crashed step never leaves a GPU taken; a pid
-file would. The work then runs in a fresh process whose `CUDA_VISIBLE_DEVICES` is the leased
-physical id, never a rank or a local index.
+file would. The work then runs in a process of its own whose `CUDA_VISIBLE_DEVICES` is the leased
+physical id, never a rank or a local index: a fresh one, or a spare that did its imports ahead
+and is given its GPU with its call.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import importlib
+import json
 import logging
 import os
 import pickle
@@ -16,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,6 +28,12 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+# A spare exits with this status, without running its call, when CUDA started in it before its
+# GPU was set (an import that initialised it): the call then runs in a fresh process.
+SPARE_REFUSED = 75
+CUDA_ERROR_NOT_INITIALIZED = 3
 
 
 class DeviceProcessError(RuntimeError):
@@ -107,23 +118,32 @@ def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, 
                           **kwargs) -> Any:
     """`fn(*args, **kwargs)` in a fresh Python process that sees only physical GPU `device` (None: no GPU).
 
-    The child gets `CUDA_VISIBLE_DEVICES` in its environment from its first instruction, before
-    anything could initialise CUDA; inside it the GPU is `cuda:0`. `cpu_threads` caps its torch
-    (OpenMP) thread pool, as torchrun does for its workers: a GPU's process does little CPU tensor
-    work, and one pool of every core per GPU would oversubscribe the host. `fn`, its arguments and
-    its result must be picklable. The child's exception is raised here with its traceback as a note.
+    The child gets `CUDA_VISIBLE_DEVICES` before anything in it can initialise CUDA; inside it the
+    GPU is `cuda:0`. It is the spare `start_spare_device_process` started, if there is one, or a new
+    interpreter. `cpu_threads` caps its torch (OpenMP) thread pool, as torchrun does for its
+    workers: a GPU's process does little CPU tensor work, and one pool of every core per GPU would
+    oversubscribe the host. `fn`, its arguments and its result must be picklable. The child's
+    exception is raised here with its traceback as a note.
     """
     where = "no GPU" if device is None else f"GPU {device}"
     name = getattr(fn, "__qualname__", repr(fn))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if device is None else str(device)}
+    environ = {"CUDA_VISIBLE_DEVICES": "" if device is None else str(device)}
     if cpu_threads is not None:
-        env["OMP_NUM_THREADS"] = str(cpu_threads)
+        environ["OMP_NUM_THREADS"] = str(cpu_threads)
     with tempfile.TemporaryDirectory(prefix="vnp-device-") as tmp:
         call, result = Path(tmp, "call.pkl"), Path(tmp, "result.pkl")
         # Two layers: the child restores sys.path before it unpickles `fn`, so fn's module imports.
         call.write_bytes(pickle.dumps((sys.path, pickle.dumps((fn, args, kwargs)))))
-        child = subprocess.run([sys.executable, "-m", "vnp_core.gpu", str(call), str(result), where, str(time.time())],
-                               env=env)
+        order = {"call": str(call), "result": str(result), "where": where, "environ": environ}
+        child = None
+        if (spare := _take_spare()) is not None:
+            child = _send(spare, order, started_ahead=True)
+            if child.returncode == SPARE_REFUSED:
+                log.warning("the spare device process had started CUDA before its GPU was set: %s on %s "
+                            "runs in a fresh process", name, where)
+                child = None
+        if child is None:
+            child = _send(_launch(environ), order, started_ahead=False)
         if child.returncode < 0:
             signal_name = signal.Signals(-child.returncode).name
             raise DeviceProcessError(f"{name} on {where} was killed by signal {-child.returncode} ({signal_name})")
@@ -136,16 +156,80 @@ def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, 
     raise value
 
 
-def _device_process_main(call: Path, result: Path, where: str, launched: float) -> None:
+# The spare device process of this process, and the modules it imports ahead.
+_spare: tuple[subprocess.Popen, tuple[str, ...]] | None = None
+_spare_lock = threading.Lock()
+
+
+def start_spare_device_process(preload: Sequence[str] = ()) -> None:
+    """Start now the interpreter that this process's next `run_in_device_process` will use.
+
+    A device process spends seconds on its interpreter and imports before any work (4.2-5.1 s on an
+    H200 host, 3.7 s of it importing torch), and a GPU is leased to it meanwhile. A spare does them
+    ahead, while the GPU is not yet waiting: it imports `preload`, then waits for its call. It sees
+    no GPU until the call sets its GPU; if one of its imports had started CUDA by then, it refuses
+    the call, which runs in a fresh process instead.
+    Each spare taken is replaced at once, so a process running step after step finds one ready. A
+    spare leaves when its parent does (its stdin closes); it keeps the environment of its start.
+    """
+    global _spare
+    with _spare_lock:
+        if _spare is None or _spare[0].poll() is not None:
+            _spare = (_launch({"CUDA_VISIBLE_DEVICES": ""}, preload), tuple(preload))
+
+
+def stop_spare_device_process() -> None:
+    """Let this process's spare, if any, leave (its imports done, it sees its stdin close)."""
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is not None:
+        spare[0].communicate("")
+
+
+def _take_spare() -> subprocess.Popen | None:
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is None or spare[0].poll() is not None:  # none started, or it died waiting
+        return None
+    start_spare_device_process(spare[1])
+    return spare[0]
+
+
+def _send(child: subprocess.Popen, order: dict, *, started_ahead: bool) -> subprocess.Popen:
+    """Give `child` its call and wait for it to end."""
+    child.communicate(json.dumps({**order, "sent": time.time(), "started_ahead": started_ahead}) + "\n")
+    return child
+
+
+def _launch(environ: dict[str, str], preload: Sequence[str] = ()) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vnp_core.gpu", *preload], stdin=subprocess.PIPE, text=True,
+                            env={**os.environ, **environ})
+
+
+def _device_process_main(preload: Sequence[str]) -> None:
+    """The child: its imports, then the one call it reads from stdin (none: its parent has gone)."""
+    for module in preload:
+        importlib.import_module(module)
+    line = sys.stdin.readline()
+    if not line:
+        return
+    order = json.loads(line)
+    if not _bind(order["environ"]):
+        os._exit(SPARE_REFUSED)
+    where = order["where"]
     # The child's log lines (the engine's phases, resumes, retries) go to its stderr, which the
     # step shows; timestamped like Dagster's own lines, so a step's fixed cost can be read off them.
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s - vnp device process on {where} - %(message)s")
+    call, result = Path(order["call"]), Path(order["result"])
     sys_path, payload = pickle.loads(call.read_bytes())
     sys.path[:] = sys_path
     try:
         fn, args, kwargs = pickle.loads(payload)
-        log.info("%s ready to run %.1f s after launch (interpreter and imports)",
-                 getattr(fn, "__qualname__", repr(fn)), time.time() - launched)
+        log.info("%s ready to run %.1f s after the call (%s)", getattr(fn, "__qualname__", repr(fn)),
+                 time.time() - order["sent"],
+                 "a spare: interpreter and imports done ahead" if order["started_ahead"] else "interpreter and imports")
         outcome = (True, fn(*args, **kwargs), None)
     except Exception as error:  # SystemExit and the like end the child: the parent reports its exit status
         outcome = (False, error, traceback.format_exc())
@@ -156,8 +240,30 @@ def _device_process_main(call: Path, result: Path, where: str, launched: float) 
     result.write_bytes(data)
 
 
+def _bind(environ: dict[str, str]) -> bool:
+    """Set this process's GPU and thread pool; False if CUDA has started here, too late to set the GPU."""
+    if _cuda_driver_started():
+        return False
+    os.environ.update(environ)
+    torch = sys.modules.get("torch")  # imported ahead by a spare, or not yet
+    if torch is not None and "OMP_NUM_THREADS" in environ:
+        torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))  # its OpenMP read the variable at import
+    return True
+
+
+def _cuda_driver_started() -> bool:
+    """Whether this process's CUDA driver is initialised (it reads CUDA_VISIBLE_DEVICES then, and never
+    again), asked without initialising it: before `cuInit`, every driver call answers NOT_INITIALIZED."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False  # no driver, so nothing started it
+    count = ctypes.c_int()
+    return driver.cuDeviceGetCount(ctypes.byref(count)) != CUDA_ERROR_NOT_INITIALIZED
+
+
 if __name__ == "__main__":
-    _device_process_main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]))
+    _device_process_main(sys.argv[1:])
     # The result is on disk: leave without the interpreter's teardown (freeing a 3B model's weights,
     # stopping torch.compile's worker pool), which the step would otherwise wait for.
     logging.shutdown()
