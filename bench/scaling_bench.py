@@ -20,6 +20,7 @@ import json
 import platform
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -106,7 +107,8 @@ def main() -> None:
         "command": " ".join(sys.argv), "reads": args.reads, "esm2_size": "tiny" if args.smoke else args.esm2_size,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpus_on_host": torch.cuda.device_count(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                     **installed_versions("dagster", "polars", "h5py", "numpy", "tokenizers", "fair-esm")},
     })
     for count in [int(c) for c in args.gpus.split(",")]:
         home = args.workdir / f"home_{count}gpu_{time.time_ns()}"
@@ -119,6 +121,16 @@ def main() -> None:
         print_timeline(results["runs"][str(count)]["timeline"])
         write_results(results, args.out)
     print_table(results)
+
+
+def installed_versions(*packages: str) -> dict[str, str]:
+    found = {}
+    for package in packages:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def shard_metadata(home: Path) -> dict[str, dict]:

@@ -7,7 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dagster import AssetKey, DagsterInstance, build_sensor_context, evaluate_automation_conditions, materialize
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    build_sensor_context,
+    evaluate_automation_conditions,
+    materialize,
+)
 from typer.testing import CliRunner
 
 from vnp_assets.assets import build_assets
@@ -52,10 +58,14 @@ def test_a_dropped_fasta_flows_through_sensor_and_automation_to_predictions(
     assert (predictions / "prediction_results.txt").read_text().startswith("Sequence_ID\tPrediction\tscore1\tscore2\n")
 
 
-def test_vnp_run_until_embeddings_stops_after_the_shards(tmp_path: Path) -> None:
+def test_vnp_run_until_embeddings_stops_after_the_shards(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     fasta = tmp_path / "flu.fasta"
     shutil.copyfile(FLU, fasta)
     run = run_sample(fasta, home=tmp_path / "home", shards=2, until="embeddings")
+    # One worker here (no GPU) runs both shards: each step's device process was a spare started ahead.
+    device_log = capfd.readouterr().err
+    assert device_log.count("embed_shards ready to run") == 2
+    assert device_log.count("(a spare: interpreter and imports done ahead)") == 2
     assert list(run.stage_seconds) == ["sequence_index", "embeddings (2 steps of 2 models)"]
     sample = tmp_path / "home" / "storage" / "samples" / "flu"
     assert run.outputs["embedding shards"] == sample / "embeddings" and "merged embeddings" not in run.outputs
@@ -66,7 +76,7 @@ def test_vnp_run_until_embeddings_stops_after_the_shards(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path) -> None:
+def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     fasta = tmp_path / "flu.fasta"
     shutil.copyfile(FLU, fasta)
     home = tmp_path / "home"
@@ -75,6 +85,9 @@ def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path) -> None:
 
     assert run.exit_code == 0, run.output
     assert f"sample flu ({fasta}), 1 shard(s) per model" in run.output
+    device_log = capfd.readouterr().err  # both GPU steps' device processes were spares started ahead
+    assert "embed_shards ready to run" in device_log and "reference_embeddings ready to run" in device_log
+    assert device_log.count("(a spare: interpreter and imports done ahead)") == 2
     assert "WARNING: esm2, dnabert_s, classifier: tiny random placeholder models" in run.output
     sample = home / "storage" / "samples" / "flu"
     assert f"predictions: {sample / 'predictions'}" in run.output

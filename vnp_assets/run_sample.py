@@ -28,6 +28,7 @@ from vnp_assets.assets.embeddings import MODELS
 from vnp_assets.partitions import sample_shard_key
 from vnp_assets.resources import VnpSettings
 from vnp_assets.samples import register_sample, sample_name
+from vnp_core.gpu import start_spare_device_process
 
 INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 # Step progress and warnings on the terminal; Dagster's DEBUG events stay in the instance's event log.
@@ -103,6 +104,11 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         if until != "sequence_index":
             stage(f"embeddings ({settings.num_shards} steps of {len(MODELS)} models)", embed_all_shards, workers, home,
                   settings, sample)
+    if STAGES.index(until) >= STAGES.index("fp16_validation_report"):
+        from vnp_core.validate import REFERENCE_MODULES
+
+        # The validation's device process, its imports done during the merge.
+        start_spare_device_process(REFERENCE_MODULES)
     for asset in STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]:
         stage(asset, materialize_sample, asset)
 
@@ -125,25 +131,34 @@ def local_instance(home: Path) -> DagsterInstance:
 @contextmanager
 def shard_workers(settings: VnpSettings, home: Path) -> Iterator[ProcessPoolExecutor]:
     """One worker process per usable GPU (one without GPUs), started now and made ready for its steps."""
-    workers = max(1, len(settings.usable_devices()))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+    with ProcessPoolExecutor(workers := shard_worker_count(settings), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_prepare_step_worker, initargs=(settings.devices, str(home))) as pool:
         for _ in range(workers):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
 
 
+def shard_worker_count(settings: VnpSettings) -> int:
+    return max(1, len(settings.usable_devices()))
+
+
+# What this worker's spare device processes import: the engine and, on a GPU host, torch.compile's
+# machinery (3.4-4.5 s more). Set by `_prepare_step_worker`.
+_spare_imports: list[str] = []
+
+
 def _prepare_step_worker(devices: list[int] | None, home: str) -> None:
     """What every step of the worker would otherwise do first, done while the index is built: start
-    the CUDA driver (counting the GPUs does; it creates no context on any GPU), import Dagster and
-    the asset code, open the instance; and, first, start the spare device process of its first step,
-    which imports the engine and, on a GPU host, torch.compile's machinery (3.4-4.5 s more)."""
-    from vnp_core.gpu import discover_devices, start_spare_device_process
+    the CUDA driver (counting the GPUs does; it creates no context on any GPU), start the spare
+    device process of its first step, import Dagster and the asset code, open the instance."""
+    from vnp_core.gpu import discover_devices
 
     gpus = discover_devices(devices)
     from vnp_core.engine import COMPILER_MODULES, EMBED_SHARDS_MODULES
 
-    start_spare_device_process([*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus else ())])
+    global _spare_imports
+    _spare_imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus else ())]
+    start_spare_device_process(_spare_imports)
     import vnp_assets.assets  # noqa: F401
 
     worker_instance(home)
@@ -156,18 +171,27 @@ def worker_instance(home: str) -> DagsterInstance:
 
 
 def embed_all_shards(workers: ProcessPoolExecutor, home: Path, settings: VnpSettings, sample: str) -> None:
-    outcomes = [workers.submit(materialize_shard, str(home), settings.model_dump(), sample, shard)
+    # The workers take the shards in order: a shard more than a worker count from the end has another after it.
+    step_to_come = settings.num_shards - shard_worker_count(settings)
+    outcomes = [workers.submit(materialize_shard, str(home), settings.model_dump(), sample, shard,
+                               spare_after=shard < step_to_come)
                 for shard in range(settings.num_shards)]
     if failures := [failure for outcome in outcomes if (failure := outcome.result()) is not None]:
         raise RuntimeError("embedding steps failed (rerun `vnp run`: finished shards are kept):\n" + "\n".join(failures))
 
 
-def materialize_shard(home: str, settings: dict, sample: str, shard: int, models: Sequence[str] = MODELS) -> str | None:
-    """In a worker process: one shard's embedding step, recorded in the instance at `home`. Its error text if it failed."""
+def materialize_shard(home: str, settings: dict, sample: str, shard: int, models: Sequence[str] = MODELS, *,
+                      spare_after: bool = False) -> str | None:
+    """In a worker process: one shard's embedding step, recorded in the instance at `home`. Its error text if it failed.
+
+    `spare_after`: start a spare device process once the step is done, for the worker's next step.
+    """
     vnp = VnpSettings(**settings)
     result = materialize(build_assets(vnp.num_shards), selection=[f"{kind}_embeddings" for kind in models],
                          partition_key=sample_shard_key(sample, shard), resources={"vnp": vnp},
                          instance=worker_instance(home), run_config=CONSOLE_AT_INFO, raise_on_error=False)
+    if spare_after:
+        start_spare_device_process(_spare_imports)
     if result.success:
         return None
     errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]

@@ -153,7 +153,7 @@ def _sha256(path: Path) -> str:
 
 def write_tiny_classifier(out_dir: Path, *, in_features: int, chunk_length: int, seed: int = 0) -> dict[str, Path]:
     """A random classifier saved as our state dict file and as a pickled whole module (the original's form)."""
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # CPU tensors only: no CUDA context on every GPU
         torch.manual_seed(seed)
         module = VirNucProClassifier(in_features)
         # Non-default BatchNorm statistics, so that a loader that drops the buffers changes the scores.

@@ -169,8 +169,9 @@ def start_spare_device_process(preload: Sequence[str] = ()) -> None:
     ahead, while the GPU is not yet waiting: it imports `preload`, then waits for its call. It sees
     no GPU until the call sets its GPU; if one of its imports had started CUDA by then, it refuses
     the call, which runs in a fresh process instead.
-    Each spare taken is replaced at once, so a process running step after step finds one ready. A
-    spare leaves when its parent does (its stdin closes); it keeps the environment of its start.
+    A spare serves one call; start the next one when its imports will not compete for the CPU with
+    work in progress (on a small CPU-only host they slowed the embedding beside them by a quarter).
+    A spare leaves when its parent does (its stdin closes); it keeps the environment of its start.
     """
     global _spare
     with _spare_lock:
@@ -193,7 +194,6 @@ def _take_spare() -> subprocess.Popen | None:
         spare, _spare = _spare, None
     if spare is None or spare[0].poll() is not None:  # none started, or it died waiting
         return None
-    start_spare_device_process(spare[1])
     return spare[0]
 
 

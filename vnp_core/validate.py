@@ -18,7 +18,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from vnp_core.atomic import atomic_path
-from vnp_core.config import ValidationConfig
+from vnp_core.config import ModelPaths, ValidationConfig
 
 REPORT_FILE = "validation_report.json"
 PER_SEQUENCE_FILE = "validation_per_sequence.parquet"
@@ -47,6 +47,22 @@ def select_validation_subset(lengths: np.ndarray, size: int, seed: int) -> np.nd
     # Both splits put their larger parts first, and len(lengths) > size, so no bin is overdrawn.
     chosen = [rng.choice(rows, size=len(draw), replace=False) for rows, draw in zip(bins, draws, strict=True)]
     return np.sort(np.concatenate(chosen))
+
+
+# What `reference_embeddings` imports: a spare device process can import them ahead.
+REFERENCE_MODULES = ("vnp_core.validate", "vnp_core.models.esm2", "vnp_core.models.dnabert_s", "esm")
+
+
+def reference_embeddings(models: ModelPaths, proteins: list[str], nucleotides: list[str], torch_device: str,
+                         max_residues: int) -> dict[str, np.ndarray]:
+    """Each model's unpacked fp32 reference path (fair-esm's ESM-2; DNABERT-S padded), for the subset;
+    run in a device process."""
+    from vnp_core.models import dnabert_s, esm2
+
+    return {
+        "esm2": esm2.reference_embed(models.esm2, proteins, max_residues=max_residues, device=torch_device),
+        "dnabert_s": dnabert_s.reference_embed(models.dnabert_s, nucleotides, device=torch_device),
+    }
 
 
 def compare_embeddings(ids: Sequence[str], production: np.ndarray, reference: np.ndarray) -> pl.DataFrame:

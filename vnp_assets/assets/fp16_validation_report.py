@@ -3,26 +3,21 @@
 import base64
 
 import numpy as np
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from vnp_assets.assets.merged_embeddings import merged_embeddings
 from vnp_assets.checks import EAGER_AFTER_CHECKS
 from vnp_assets.partitions import samples_partitions
 from vnp_assets.resources import VnpSettings
-from vnp_core.config import ModelPaths
 
 MODELS = ("esm2", "dnabert_s")
-
-
-def reference_embeddings(models: ModelPaths, proteins: list[str], nucleotides: list[str], torch_device: str,
-                         max_residues: int) -> dict:
-    """Runs in the device process: each model's unpacked fp32 reference path."""
-    from vnp_core.models import dnabert_s, esm2
-
-    return {
-        "esm2": esm2.reference_embed(models.esm2, proteins, max_residues=max_residues, device=torch_device),
-        "dnabert_s": dnabert_s.reference_embed(models.dnabert_s, nucleotides, device=torch_device),
-    }
 
 
 @asset(
@@ -39,7 +34,14 @@ def fp16_validation_report(context: AssetExecutionContext, vnp: VnpSettings) -> 
     from vnp_core.gpu import run_in_device_process
     from vnp_core.index import read_index
     from vnp_core.store import read_merged
-    from vnp_core.validate import build_report, compare_embeddings, report_markdown, select_validation_subset, write_report
+    from vnp_core.validate import (
+        build_report,
+        compare_embeddings,
+        reference_embeddings,
+        report_markdown,
+        select_validation_subset,
+        write_report,
+    )
 
     sample = context.partition_key
     layout = vnp.sample_layout(sample)

@@ -429,7 +429,7 @@ def write_tiny_checkpoint(path: Path, *, num_layers: int = 2, embed_dim: int = 6
     path = Path(path)
     if not path.name.startswith("esm2") or path.suffix != ".pt":
         raise ValueError(f"{path}: fair-esm only reads ESM-2 checkpoints named esm2*.pt")
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # CPU tensors only: no CUDA context on every GPU
         torch.manual_seed(seed)
         model = ESM2(num_layers, embed_dim, attention_heads)
         # Non-trivial LayerNorms, so that a comparison against fair-esm exercises them.
