@@ -116,7 +116,7 @@ class GpuLease:
 
 def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, cpu_threads: int | None = None,
                           **kwargs) -> Any:
-    """`fn(*args, **kwargs)` in a fresh Python process that sees only physical GPU `device` (None: no GPU).
+    """`fn(*args, **kwargs)` in a Python process of its own that sees only physical GPU `device` (None: no GPU).
 
     The child gets `CUDA_VISIBLE_DEVICES` before anything in it can initialise CUDA; inside it the
     GPU is `cuda:0`. It is the spare `start_spare_device_process` started, if there is one, or a new
