@@ -179,8 +179,8 @@ def test_spare_that_died_waiting_is_replaced_by_a_fresh_process(four_gpus):
     start_spare_device_process([PRELOADED])
     import vnp_core.gpu
 
-    vnp_core.gpu._spare[0].kill()
-    vnp_core.gpu._spare[0].wait()
+    vnp_core.gpu._spare.kill()
+    vnp_core.gpu._spare.wait()
     assert run_in_device_process(_process_facts, device=1)[1:3] == ("1", False)
 
 
@@ -210,7 +210,7 @@ def test_spare_whose_import_started_cuda_hands_its_call_to_a_fresh_process(tmp_p
 def test_spare_leaves_when_its_parent_does(tmp_path):
     pid_file = tmp_path / "spare.pid"
     parent = (f"import vnp_core.gpu as g; g.start_spare_device_process(); "
-              f"open({str(pid_file)!r}, 'w').write(str(g._spare[0].pid))")
+              f"open({str(pid_file)!r}, 'w').write(str(g._spare.pid))")
     subprocess.run([sys.executable, "-c", parent], check=True, cwd=Path(__file__).resolve().parents[1])
     spare_pid = int(pid_file.read_text())
     deadline = time.monotonic() + 30

@@ -156,8 +156,8 @@ def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, 
     raise value
 
 
-# The spare device process of this process, and the modules it imports ahead.
-_spare: tuple[subprocess.Popen, tuple[str, ...]] | None = None
+# This process's spare device process, if it has one.
+_spare: subprocess.Popen | None = None
 _spare_lock = threading.Lock()
 
 
@@ -170,13 +170,13 @@ def start_spare_device_process(preload: Sequence[str] = ()) -> None:
     no GPU until the call sets its GPU; if one of its imports had started CUDA by then, it refuses
     the call, which runs in a fresh process instead.
     A spare serves one call; start the next one when its imports will not compete for the CPU with
-    work in progress (on a small CPU-only host they slowed the embedding beside them by a quarter).
+    work in progress (on a small CPU-only host they slowed the embedding beside them by a fifth to a quarter).
     A spare leaves when its parent does (its stdin closes); it keeps the environment of its start.
     """
     global _spare
     with _spare_lock:
-        if _spare is None or _spare[0].poll() is not None:
-            _spare = (_launch({"CUDA_VISIBLE_DEVICES": ""}, preload), tuple(preload))
+        if _spare is None or _spare.poll() is not None:
+            _spare = _launch({"CUDA_VISIBLE_DEVICES": ""}, preload)
 
 
 def stop_spare_device_process() -> None:
@@ -185,16 +185,16 @@ def stop_spare_device_process() -> None:
     with _spare_lock:
         spare, _spare = _spare, None
     if spare is not None:
-        spare[0].communicate("")
+        spare.communicate("")
 
 
 def _take_spare() -> subprocess.Popen | None:
     global _spare
     with _spare_lock:
         spare, _spare = _spare, None
-    if spare is None or spare[0].poll() is not None:  # none started, or it died waiting
+    if spare is None or spare.poll() is not None:  # none started, or it died waiting
         return None
-    return spare[0]
+    return spare
 
 
 def _send(child: subprocess.Popen, order: dict, *, started_ahead: bool) -> subprocess.Popen:
