@@ -1,10 +1,11 @@
 """`dnabert_s_embeddings` and `esm2_embeddings`: one shard of a sample, on one leased GPU.
 
 Both assets come from one step per shard (a multi-asset): the step leases a GPU among every run on
-the host (a flock under `gpu_lock_dir`), then runs both models in one fresh process bound to that
+the host (a flock under `gpu_lock_dir`), then runs both models in one process bound to that
 physical GPU (a spare started ahead, where the step's process has one), so a GPU pays one process
-start and one lease per shard, and the second model loads and compiles while the first one computes. Either asset can still be materialized alone (a rerun
-of a failed shard). On a host without GPUs the step runs on the CPU.
+start and one lease per shard, and the second model loads and compiles while the first one
+computes. Either asset can still be materialized alone (a rerun of a failed shard). On a host
+without GPUs the step runs on the CPU.
 """
 
 from collections.abc import Iterator
