@@ -29,28 +29,25 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "vnp_core" / "data" / "example.f
 ESM2_SIZES = {"8M": (6, 320, 20), "150M": (30, 640, 20), "650M": (33, 1280, 20), "3B": (36, 2560, 40)}
 
 
-def write_models(workdir: Path, esm2_size: str, smoke: bool) -> dict[str, Path]:
-    """Random models in the real formats, written once per workdir."""
+def write_models(workdir: Path, esm2_size: str, smoke: bool) -> dict[str, str]:
+    """Random models in the real formats, written once per workdir: `run_sample`'s model settings."""
     import torch
 
-    from vnp_core.classify import write_tiny_classifier
-    from vnp_core.models.dnabert_s import write_tiny_model
-    from vnp_core.models.esm2 import write_tiny_checkpoint
-    from vnp_core.tiny_models import tiny_feature_width
+    from vnp_core.tiny_models import tiny_feature_width, write_tiny_classifier, write_tiny_dnabert_s, write_tiny_esm2
 
     esm2 = workdir / f"esm2_{esm2_size}_random.pt"
     dnabert_s = workdir / "dnabert_s_random"
     if not esm2.exists():
         layers, width, heads = (2, 64, 4) if smoke else ESM2_SIZES[esm2_size]
-        write_tiny_checkpoint(esm2, num_layers=layers, embed_dim=width, attention_heads=heads,
-                              dtype=torch.float32 if smoke else torch.float16)
+        write_tiny_esm2(esm2, num_layers=layers, embed_dim=width, attention_heads=heads,
+                        dtype=torch.float32 if smoke else torch.float16)
     if not (dnabert_s / "model.safetensors").exists():
         shape = dict(hidden=64, layers=2, heads=4, intermediate=128) if smoke else \
             dict(hidden=768, layers=12, heads=12, intermediate=3072)
-        write_tiny_model(dnabert_s, **shape)
+        write_tiny_dnabert_s(dnabert_s, **shape)
     classifier = write_tiny_classifier(workdir / "classifier", in_features=tiny_feature_width(esm2, dnabert_s),
                                        chunk_length=500)["state_dict"]
-    return {"esm2_model": esm2, "dnabert_s_model": dnabert_s, "classifier": classifier}
+    return {"esm2_model": str(esm2), "dnabert_s_model": str(dnabert_s), "classifier": str(classifier)}
 
 
 def write_reads(workdir: Path, n: int) -> Path:
@@ -97,7 +94,7 @@ def main() -> None:
         write_reads(args.workdir, args.reads)
         return
     if args.warmup_reads:
-        warmup = run_sample(write_reads(args.workdir, args.warmup_reads), shards=1, dtype=dtype, until="embeddings",
+        warmup = run_sample(write_reads(args.workdir, args.warmup_reads), num_shards=1, dtype=dtype, until="embeddings",
                             home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0],
                             compile_min_tokens=0, **models)
         print(f"warm-up (untimed):\n{warmup.summary()}", flush=True)
@@ -113,7 +110,7 @@ def main() -> None:
     for count in [int(c) for c in args.gpus.split(",")]:
         home = args.workdir / f"home_{count}gpu_{time.time_ns()}"
         devices = None if args.smoke else list(range(args.first_gpu, args.first_gpu + count))
-        run = run_sample(reads, shards=count, home=home, devices=devices, dtype=dtype, until=args.until, **models)
+        run = run_sample(reads, num_shards=count, home=home, devices=devices, dtype=dtype, until=args.until, **models)
         results["runs"][str(count)] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values()),
                                        "until": args.until, "devices": devices, "command": " ".join(sys.argv),
                                        "shards": shard_metadata(home), "timeline": run_timeline(home)}
@@ -138,10 +135,11 @@ def shard_metadata(home: Path) -> dict[str, dict]:
     from dagster import AssetKey, AssetRecordsFilter
 
     from vnp_assets.run_sample import local_instance
+    from vnp_core.models import MODELS
 
     shards = {}
     with local_instance(home) as instance:
-        for kind in ("dnabert_s", "esm2"):
+        for kind in MODELS:
             records = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(f"{kind}_embeddings")),
                                                       limit=100).records
             for record in records:

@@ -1,16 +1,18 @@
-"""Fixtures shared by the Dagster-layer tests: settings over a temporary storage root, a temporary
+"""Fixtures shared by the Dagster-layer tests: resources over a temporary storage root, a temporary
 instance, and a way to register a sample as the inbox sensor would."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, instance_for_test
+from dagster import ConfigurableResource, DagsterInstance, instance_for_test
 
-from vnp_assets.resources import VnpSettings
+from vnp_assets.definitions import resources_from_settings
+from vnp_assets.samples import register_sample
+
+Resources = dict[str, ConfigurableResource]
 
 
 @pytest.fixture(scope="session")
@@ -24,14 +26,23 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def vnp_settings(tmp_path: Path, tiny_models_dir: Path) -> VnpSettings:
-    """Default settings (tiny models, CPU, two shards) over a fresh storage root."""
+def make_resources(tmp_path: Path, tiny_models_dir: Path) -> Callable[..., Resources]:
+    """Resources over one fresh storage root: the defaults (tiny models, CPU, two shards), then `changes`."""
     storage = tmp_path / "storage"
     storage.mkdir()
-    (storage / "tiny_models").symlink_to(tiny_models_dir)  # where the settings make them by default
     (tmp_path / "inbox").mkdir()
-    return VnpSettings(storage_root=str(storage), inbox_dir=str(tmp_path / "inbox"), inbox_settle_seconds=0,
-                       num_shards=2, gpu_lock_dir=str(tmp_path / "gpu-locks"))
+
+    def make(**changes) -> Resources:
+        settings = {"inbox_settle_seconds": 0, "num_shards": 2, "lock_dir": str(tmp_path / "gpu-locks"),
+                    "tiny_models_dir": str(tiny_models_dir), **changes}
+        return resources_from_settings(settings, home=tmp_path)
+
+    return make
+
+
+@pytest.fixture
+def vnp_resources(make_resources: Callable[..., Resources]) -> Resources:
+    return make_resources()
 
 
 @pytest.fixture
@@ -41,14 +52,12 @@ def instance() -> DagsterInstance:
 
 
 @pytest.fixture
-def add_sample(vnp_settings: VnpSettings, instance: DagsterInstance) -> Callable[[str, Path], str]:
+def add_sample(vnp_resources: Resources, instance: DagsterInstance) -> Callable[[str, Path], str]:
     """Registers `fasta` as sample `name` the way the inbox sensor does: its own copy and a partition."""
 
     def add(name: str, fasta: Path) -> str:
-        copy = vnp_settings.sample_layout(name).input_copy(gzipped=fasta.name.endswith(".gz"))
-        copy.parent.mkdir(parents=True)
-        shutil.copyfile(fasta, copy)
-        instance.add_dynamic_partitions("samples", [name])
-        return name
+        sample, _ = register_sample(fasta, name, vnp_resources["storage"], set(instance.get_dynamic_partitions("samples")))
+        instance.add_dynamic_partitions("samples", [sample])
+        return sample
 
     return add

@@ -22,8 +22,9 @@ import vnp_assets.progress as progress_module
 from vnp_assets.assets import build_assets
 from vnp_assets.definitions import build_definitions
 from vnp_assets.partitions import sample_shard_key
-from vnp_assets.resources import VnpSettings
-from vnp_assets.run_sample import materialize_shard
+from conftest import Resources
+from vnp_assets.resources import GpuPool
+from vnp_assets.run_sample import materialize_shard, resource_fields
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 ASSETS = build_assets(num_shards=2)
@@ -31,18 +32,18 @@ MODELS = ("dnabert_s", "esm2")  # the order the step runs them in
 
 
 @pytest.fixture
-def indexed_sample(vnp_settings: VnpSettings, instance: DagsterInstance, add_sample, monkeypatch) -> str:
+def indexed_sample(vnp_resources: Resources, instance: DagsterInstance, add_sample, monkeypatch) -> str:
     monkeypatch.setattr(embeddings_module, "embed_shards", fake_embed_shards)  # for steps run in this process
     add_sample("flu", REAL_DATA / "influenza_a_california_07_2009.fasta")
-    materialize(ASSETS, selection=["sequence_index"], partition_key="flu", resources={"vnp": vnp_settings},
+    materialize(ASSETS, selection=["sequence_index"], partition_key="flu", resources=vnp_resources,
                 instance=instance)
     return "flu"
 
 
-def embed(settings: VnpSettings, instance: DagsterInstance, shard: int, models=MODELS, **kwargs):
+def embed(settings: Resources, instance: DagsterInstance, shard: int, models=MODELS, **kwargs):
     """The shard's embedding step, for `models` (both by default, as automation and `vnp run` ask)."""
     return materialize(ASSETS, selection=[f"{kind}_embeddings" for kind in models],
-                       partition_key=sample_shard_key("flu", shard), resources={"vnp": settings}, instance=instance,
+                       partition_key=sample_shard_key("flu", shard), resources=settings, instance=instance,
                        **kwargs)
 
 
@@ -54,22 +55,22 @@ def materialized(result, kind: str) -> list:
 def use_fake_model_and_gpus(devices: list[int]) -> None:
     """Initializer of the worker processes: the fake model, and `devices` as if they were this host's GPUs."""
     embeddings_module.embed_shards = fake_embed_shards
-    VnpSettings.usable_devices = lambda self: devices
+    GpuPool.usable_devices = property(lambda self: devices)
 
 
 def test_concurrent_steps_lease_distinct_gpus_and_the_child_sees_its_physical_id(
-        vnp_settings: VnpSettings, instance: DagsterInstance, indexed_sample: str) -> None:
+        vnp_resources: Resources, instance: DagsterInstance, indexed_sample: str) -> None:
     # Four steps at once for GPUs 2 and 3, one per model and shard, as two backfills could start them.
     steps = [(shard, (kind,)) for kind in MODELS for shard in (0, 1)]
     with ProcessPoolExecutor(len(steps), mp_context=multiprocessing.get_context("spawn"),
                              initializer=use_fake_model_and_gpus, initargs=([2, 3],)) as pool:
-        outcomes = [pool.submit(materialize_shard, instance.root_directory, vnp_settings.model_dump(), "flu", shard, models)
+        outcomes = [pool.submit(materialize_shard, instance.root_directory, resource_fields(vnp_resources), "flu", shard, models)
                     for shard, models in steps]
         assert [outcome.result() for outcome in outcomes] == [None] * len(steps)
 
     spans: dict[str, list[tuple[float, float]]] = {"2": [], "3": []}
     for shard, (kind,) in steps:
-        seen = json.loads(vnp_settings.sample_layout("flu").embeddings(kind, shard).with_suffix(".device.json").read_text())
+        seen = json.loads(vnp_resources["storage"].layout("flu").embeddings(kind, shard).with_suffix(".device.json").read_text())
         metadata = latest_metadata(instance, f"{kind}_embeddings", sample_shard_key("flu", shard))
         assert metadata["device"] == f"GPU {seen['visible']}"  # the leased physical id is what the child saw
         assert metadata["dtype"] == "float16"  # the GPU default
@@ -81,9 +82,9 @@ def test_concurrent_steps_lease_distinct_gpus_and_the_child_sees_its_physical_id
 
 
 def test_one_step_embeds_both_models_of_a_shard_in_one_device_process(
-        vnp_settings: VnpSettings, instance: DagsterInstance, indexed_sample: str) -> None:
-    result = embed(vnp_settings, instance, 1)
-    layout = vnp_settings.sample_layout("flu")
+        vnp_resources: Resources, instance: DagsterInstance, indexed_sample: str) -> None:
+    result = embed(vnp_resources, instance, 1)
+    layout = vnp_resources["storage"].layout("flu")
     rows = pl.read_parquet(layout.index).filter(pl.col("shard") == 1).height
     assert [materialized(result, kind)[0].metadata["rows"].value for kind in MODELS] == [rows, rows]
     starts = {json.loads(layout.embeddings(kind, 1).with_suffix(".device.json").read_text())["start"] for kind in MODELS}
@@ -100,18 +101,18 @@ def latest_metadata(instance: DagsterInstance, asset: str, partition: str) -> di
     return {key: value.value for key, value in records[0].asset_materialization.metadata.items()}
 
 
-def test_a_killed_shard_step_is_rerun_alone(vnp_settings: VnpSettings, instance: DagsterInstance,
+def test_a_killed_shard_step_is_rerun_alone(vnp_resources: Resources, instance: DagsterInstance,
                                             indexed_sample: str) -> None:
-    layout = vnp_settings.sample_layout("flu")
-    embed(vnp_settings, instance, 0)
+    layout = vnp_resources["storage"].layout("flu")
+    embed(vnp_resources, instance, 0)
     done = layout.embeddings("esm2", 0).stat().st_mtime_ns
     layout.embeddings("esm2", 1).with_suffix(".kill").touch()
 
-    failed = embed(vnp_settings, instance, 1, models=("esm2",), raise_on_error=False)
+    failed = embed(vnp_resources, instance, 1, models=("esm2",), raise_on_error=False)
     assert not failed.success
     assert not layout.embeddings("esm2", 1).exists()
 
-    rerun = embed(vnp_settings, instance, 1, models=("esm2",))
+    rerun = embed(vnp_resources, instance, 1, models=("esm2",))
     assert rerun.success
     rows = pl.read_parquet(layout.index).filter(pl.col("shard") == 1).height
     assert materialized(rerun, "esm2")[0].metadata["rows"].value == rows
@@ -120,26 +121,26 @@ def test_a_killed_shard_step_is_rerun_alone(vnp_settings: VnpSettings, instance:
 
 
 def test_one_failed_model_keeps_the_other_models_shard_and_reruns_alone(
-        vnp_settings: VnpSettings, instance: DagsterInstance, indexed_sample: str) -> None:
-    layout = vnp_settings.sample_layout("flu")
+        vnp_resources: Resources, instance: DagsterInstance, indexed_sample: str) -> None:
+    layout = vnp_resources["storage"].layout("flu")
     layout.embeddings("dnabert_s", 0).parent.mkdir(parents=True)
     layout.embeddings("dnabert_s", 0).with_suffix(".fail").touch()
 
-    failed = embed(vnp_settings, instance, 0, raise_on_error=False)
+    failed = embed(vnp_resources, instance, 0, raise_on_error=False)
     assert not failed.success
     assert "dnabert_s failed on purpose" in failed.get_step_failure_events()[0].step_failure_data.error.to_string()
     assert materialized(failed, "dnabert_s") == [] and len(materialized(failed, "esm2")) == 1  # recorded, not lost
 
     layout.embeddings("dnabert_s", 0).with_suffix(".fail").unlink()
-    rerun = embed(vnp_settings, instance, 0, models=("dnabert_s",))
+    rerun = embed(vnp_resources, instance, 0, models=("dnabert_s",))
     assert len(materialized(rerun, "dnabert_s")) == 1 and materialized(rerun, "esm2") == []
 
 
-def test_the_device_process_progress_reaches_the_run_log(vnp_settings: VnpSettings, instance: DagsterInstance,
+def test_the_device_process_progress_reaches_the_run_log(vnp_resources: Resources, instance: DagsterInstance,
                                                          indexed_sample: str, monkeypatch) -> None:
     monkeypatch.setattr(progress_module, "LOG_EVERY_S", 0.05)
-    result = embed(vnp_settings, instance, 0)
-    rows = pl.read_parquet(vnp_settings.sample_layout("flu").index).filter(pl.col("shard") == 0).height
+    result = embed(vnp_resources, instance, 0)
+    rows = pl.read_parquet(vnp_resources["storage"].layout("flu").index).filter(pl.col("shard") == 0).height
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     # FakeProgress: half the rows and 100 tokens in 0.1 s, for each model.
     for kind in MODELS:
@@ -147,14 +148,14 @@ def test_the_device_process_progress_reaches_the_run_log(vnp_settings: VnpSettin
 
 
 def test_failed_blocking_check_keeps_merged_embeddings_from_running(
-        vnp_settings: VnpSettings, instance: DagsterInstance, indexed_sample: str) -> None:
-    layout = vnp_settings.sample_layout("flu")
+        vnp_resources: Resources, instance: DagsterInstance, indexed_sample: str) -> None:
+    layout = vnp_resources["storage"].layout("flu")
     layout.embeddings("dnabert_s", 1).parent.mkdir(parents=True)
     layout.embeddings("dnabert_s", 1).with_suffix(".nan").touch()
-    defs = build_definitions(vnp_settings)
+    defs = build_definitions(vnp_resources)
     automation = evaluate_automation_conditions(defs, instance=instance)  # a tick before, as the sensor ticks on
-    assert embed(vnp_settings, instance, 0).success
-    result = embed(vnp_settings, instance, 1, raise_on_error=False)
+    assert embed(vnp_resources, instance, 0).success
+    result = embed(vnp_resources, instance, 1, raise_on_error=False)
     checks = {(evaluation.asset_key.to_user_string(), evaluation.check_name): evaluation.passed
               for evaluation in result.get_asset_check_evaluations() if evaluation.check_name == "embeddings_finite"}
     assert checks == {("esm2_embeddings", "embeddings_finite"): True, ("dnabert_s_embeddings", "embeddings_finite"): False}
@@ -164,11 +165,11 @@ def test_failed_blocking_check_keeps_merged_embeddings_from_running(
     assert automation.get_num_requested(AssetKey("merged_embeddings")) == 0
 
     layout.embeddings("dnabert_s", 1).with_suffix(".nan").unlink()
-    assert embed(vnp_settings, instance, 1, models=("dnabert_s",)).success
+    assert embed(vnp_resources, instance, 1, models=("dnabert_s",)).success
     automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     assert automation.get_requested_partitions(AssetKey("merged_embeddings")) == {"flu"}
 
-    merged = materialize(ASSETS, selection=["merged_embeddings"], partition_key="flu", resources={"vnp": vnp_settings},
+    merged = materialize(ASSETS, selection=["merged_embeddings"], partition_key="flu", resources=vnp_resources,
                          instance=instance)
     metadata = merged.asset_materializations_for_node("merged_embeddings")[0].metadata
     assert metadata["sequences"].value == pl.read_parquet(layout.index).height

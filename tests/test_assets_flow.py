@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from vnp_assets.assets import build_assets
 from vnp_assets.definitions import build_definitions
-from vnp_assets.resources import VnpSettings
+from conftest import Resources
 from vnp_assets.run_sample import run_sample
 from vnp_assets.sensors import fasta_inbox_sensor
-from vnp_core.cli import app
+from vnp_assets.cli import app
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 FLU = REAL_DATA / "influenza_a_california_07_2009.fasta"
@@ -29,16 +29,17 @@ FLU = REAL_DATA / "influenza_a_california_07_2009.fasta"
 
 @pytest.mark.slow
 def test_a_dropped_fasta_flows_through_sensor_and_automation_to_predictions(
-        vnp_settings: VnpSettings, instance: DagsterInstance) -> None:
-    settings = VnpSettings(**{**vnp_settings.model_dump(), "num_shards": 1})
+        make_resources, instance: DagsterInstance) -> None:
+    settings = make_resources(num_shards=1)
     defs = build_definitions(settings)
     assets = build_assets(num_shards=1)
-    shutil.copyfile(FLU, Path(settings.inbox_dir) / "flu sample.fasta")
+    automation = evaluate_automation_conditions(defs, instance=instance)  # the daemon ticks before the drop
+    shutil.copyfile(FLU, Path(settings["storage"].inbox_dir) / "flu sample.fasta")
 
-    sensor = fasta_inbox_sensor(build_sensor_context(instance=instance, resources={"vnp": settings}))
+    sensor = fasta_inbox_sensor(build_sensor_context(instance=instance, resources=settings))
     for request in sensor.dynamic_partitions_requests:  # what the daemon does with the sensor's result
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    automation = evaluate_automation_conditions(defs, instance=instance)
+    automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     requested = [(AssetKey("sequence_index"), request.partition_key) for request in sensor.run_requests]
     assert requested == [(AssetKey("sequence_index"), "flu_sample")]
 
@@ -46,7 +47,7 @@ def test_a_dropped_fasta_flows_through_sensor_and_automation_to_predictions(
     while requested:
         for partition in dict.fromkeys(partition for _, partition in requested):  # one run per partition, as the daemon
             keys = [key for key, requested_partition in requested if requested_partition == partition]
-            materialize(assets, selection=keys, partition_key=partition, resources={"vnp": settings}, instance=instance)
+            materialize(assets, selection=keys, partition_key=partition, resources=settings, instance=instance)
             materialized.append({key.to_user_string() for key in keys})
         automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
         requested = [(key, partition) for asset in assets for key in asset.keys
@@ -54,14 +55,19 @@ def test_a_dropped_fasta_flows_through_sensor_and_automation_to_predictions(
 
     assert materialized == [{"sequence_index"}, {"esm2_embeddings", "dnabert_s_embeddings"},
                             {"merged_embeddings", "fp16_validation_report"}, {"virnucpro_predictions"}]
-    predictions = settings.sample_layout("flu_sample").predictions_dir
+    predictions = settings["storage"].layout("flu_sample").predictions_dir
     assert (predictions / "prediction_results.txt").read_text().startswith("Sequence_ID\tPrediction\tscore1\tscore2\n")
+
+    # A manual rerun of the index sets off nothing below it: nobody asked for new embeddings.
+    materialize(assets, selection=["sequence_index"], partition_key="flu_sample", resources=settings, instance=instance)
+    automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
+    assert automation.total_requested == 0
 
 
 def test_vnp_run_until_embeddings_stops_after_the_shards(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     fasta = tmp_path / "flu.fasta"
     shutil.copyfile(FLU, fasta)
-    run = run_sample(fasta, home=tmp_path / "home", shards=2, until="embeddings")
+    run = run_sample(fasta, home=tmp_path / "home", num_shards=2, until="embeddings")
     # One worker here (no GPU) runs both shards: each step's device process was a spare started ahead.
     device_log = capfd.readouterr().err
     assert device_log.count("embed_shards ready to run") == 2
@@ -88,7 +94,7 @@ def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.Cap
     device_log = capfd.readouterr().err  # both GPU steps' device processes were spares started ahead
     assert "embed_shards ready to run" in device_log and "reference_embeddings ready to run" in device_log
     assert device_log.count("(a spare: interpreter and imports done ahead)") == 2
-    assert "WARNING: esm2, dnabert_s, classifier: tiny random placeholder models" in run.output
+    assert "WARNING: dnabert_s, esm2, classifier: tiny random placeholder models" in run.output
     sample = home / "storage" / "samples" / "flu"
     assert f"predictions: {sample / 'predictions'}" in run.output
     assert (sample / "predictions" / "prediction_results_highestscore.csv").read_text().startswith("Modified_ID\tIs_Virus\n")

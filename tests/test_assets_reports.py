@@ -11,23 +11,23 @@ from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, m
 
 from vnp_assets.assets import build_assets
 from vnp_assets.definitions import build_definitions
-from vnp_assets.resources import VnpSettings
+from conftest import Resources
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 ASSETS = build_assets(num_shards=2)
 
 
-def write_production_embeddings(settings: VnpSettings, flip_first_dnabert_s_row: bool) -> None:
+def write_production_embeddings(settings: Resources, flip_first_dnabert_s_row: bool) -> None:
     """Shards as the embedding steps would write them, holding each model's fp32 reference vectors."""
     from vnp_core.index import read_index
-    from vnp_core.models import dnabert_s, esm2
+    from vnp_core.models.reference import dnabert_s_reference, esm2_reference
     from vnp_core.store import write_embeddings
 
-    layout = settings.sample_layout("flu")
+    layout = settings["storage"].layout("flu")
     index = read_index(layout.index)
-    models = settings.model_paths()
-    reference = {"esm2": esm2.reference_embed(models.esm2, index["protein"].to_list()),
-                 "dnabert_s": dnabert_s.reference_embed(models.dnabert_s, index["nucleotide"].to_list())}
+    models = settings["models"].paths(500)
+    reference = {"esm2": esm2_reference(models.embedders["esm2"], index["protein"].to_list()),
+                 "dnabert_s": dnabert_s_reference(models.embedders["dnabert_s"], index["nucleotide"].to_list())}
     if flip_first_dnabert_s_row:
         reference["dnabert_s"][0] *= -1
     for model, vectors in reference.items():
@@ -38,8 +38,8 @@ def write_production_embeddings(settings: VnpSettings, flip_first_dnabert_s_row:
                              {"dtype": "float16", "attention_backend": "flash_attn"})
 
 
-def materialize_for_sample(settings: VnpSettings, instance: DagsterInstance, asset: str, **kwargs):
-    return materialize(ASSETS, selection=[asset], partition_key="flu", resources={"vnp": settings}, instance=instance,
+def materialize_for_sample(settings: Resources, instance: DagsterInstance, asset: str, **kwargs):
+    return materialize(ASSETS, selection=[asset], partition_key="flu", resources=settings, instance=instance,
                        **kwargs)
 
 
@@ -48,66 +48,66 @@ def materialization_metadata(result, asset: str) -> dict:
 
 
 @pytest.fixture
-def indexed_sample(vnp_settings: VnpSettings, instance: DagsterInstance, add_sample) -> str:
+def indexed_sample(vnp_resources: Resources, instance: DagsterInstance, add_sample) -> str:
     add_sample("flu", REAL_DATA / "influenza_a_california_07_2009.fasta")
-    materialize_for_sample(vnp_settings, instance, "sequence_index")
+    materialize_for_sample(vnp_resources, instance, "sequence_index")
     return "flu"
 
 
 def test_passing_report_then_predictions_in_the_original_files(
-        vnp_settings: VnpSettings, instance: DagsterInstance, indexed_sample: str) -> None:
-    write_production_embeddings(vnp_settings, flip_first_dnabert_s_row=False)
-    materialize_for_sample(vnp_settings, instance, "merged_embeddings")
-    defs = build_definitions(vnp_settings)
+        vnp_resources: Resources, instance: DagsterInstance, indexed_sample: str) -> None:
+    write_production_embeddings(vnp_resources, flip_first_dnabert_s_row=False)
+    materialize_for_sample(vnp_resources, instance, "merged_embeddings")
+    defs = build_definitions(vnp_resources)
     automation = evaluate_automation_conditions(defs, instance=instance)  # a tick before, as the sensor ticks on
 
-    report = materialize_for_sample(vnp_settings, instance, "fp16_validation_report")
+    report = materialize_for_sample(vnp_resources, instance, "fp16_validation_report")
     metadata = materialization_metadata(report, "fp16_validation_report")
     assert [(check.check_name, check.passed) for check in report.get_asset_check_evaluations()] == [("cosine_thresholds", True)]
     assert metadata["summary"].startswith("**PASSED**")
     assert "- esm2.dtype: float16" in metadata["summary"]  # what production ran with, from the merged file
     assert metadata["histogram"].startswith("![cosine histogram](data:image/png;base64,iVBOR")  # a PNG, inline
     assert metadata["esm2_cosine_min"] > 0.9999 and metadata["dnabert_s_cosine_p1"] > 0.9999
-    index_rows = pl.read_parquet(vnp_settings.sample_layout("flu").index).height
+    index_rows = pl.read_parquet(vnp_resources["storage"].layout("flu").index).height
     assert metadata["compared"] == index_rows  # fewer frames than the subset size: all of them
     assert all(Path(metadata[name]).is_file() for name in ("report_file", "per_sequence_file", "histogram_file"))
 
     automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     assert automation.get_requested_partitions(AssetKey("virnucpro_predictions")) == {"flu"}
-    predictions = materialize_for_sample(vnp_settings, instance, "virnucpro_predictions")
+    predictions = materialize_for_sample(vnp_resources, instance, "virnucpro_predictions")
     metadata = materialization_metadata(predictions, "virnucpro_predictions")
     assert metadata["frames"] == index_rows
     assert metadata["chunk_length"] == 500
     assert "no biological meaning" in metadata["placeholder_models"]
     frame_lines = Path(metadata["frame_predictions"]).read_text().splitlines()
     assert frame_lines[0] == "Sequence_ID\tPrediction\tscore1\tscore2" and len(frame_lines) == index_rows + 1
-    protein_fasta = vnp_settings.sample_layout("flu").prep_dir / "flu_identified_protein.faa"
+    protein_fasta = vnp_resources["storage"].layout("flu").prep_dir / "flu_identified_protein.faa"
     protein_ids = [line[1:] for line in protein_fasta.read_text().splitlines() if line.startswith(">")]
     assert [line.split("\t")[0] for line in frame_lines[1:]] == protein_ids  # prep's order, as the original wrote it
     assert Path(metadata["chunk_calls"]).read_text().startswith("Modified_ID\tIs_Virus\n")
 
 
 @pytest.mark.slow  # the same guard as the embedding checks' (tested there), exercised for the report
-def test_failing_report_blocks_the_predictions(vnp_settings: VnpSettings, instance: DagsterInstance,
+def test_failing_report_blocks_the_predictions(vnp_resources: Resources, instance: DagsterInstance,
                                                indexed_sample: str) -> None:
-    write_production_embeddings(vnp_settings, flip_first_dnabert_s_row=True)
-    materialize_for_sample(vnp_settings, instance, "merged_embeddings")
-    defs = build_definitions(vnp_settings)
+    write_production_embeddings(vnp_resources, flip_first_dnabert_s_row=True)
+    materialize_for_sample(vnp_resources, instance, "merged_embeddings")
+    defs = build_definitions(vnp_resources)
     automation = evaluate_automation_conditions(defs, instance=instance)
 
-    report = materialize_for_sample(vnp_settings, instance, "fp16_validation_report", raise_on_error=False)
+    report = materialize_for_sample(vnp_resources, instance, "fp16_validation_report", raise_on_error=False)
     assert not report.success
     assert [(check.check_name, check.passed) for check in report.get_asset_check_evaluations()] == [("cosine_thresholds", False)]
     automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     assert automation.get_num_requested(AssetKey("virnucpro_predictions")) == 0
 
 
-def test_classifier_of_the_other_chunk_length_is_refused(vnp_settings: VnpSettings, instance: DagsterInstance,
-                                                         indexed_sample: str) -> None:
-    write_production_embeddings(vnp_settings, flip_first_dnabert_s_row=False)
-    materialize_for_sample(vnp_settings, instance, "merged_embeddings")
-    classifier_300 = VnpSettings(**{**vnp_settings.model_dump(), "chunk_length": 300}).model_paths().classifier
-    mismatched = VnpSettings(**{**vnp_settings.model_dump(), "classifier": str(classifier_300)})
+def test_classifier_of_the_other_chunk_length_is_refused(vnp_resources: Resources, make_resources,
+                                                         instance: DagsterInstance, indexed_sample: str) -> None:
+    write_production_embeddings(vnp_resources, flip_first_dnabert_s_row=False)
+    materialize_for_sample(vnp_resources, instance, "merged_embeddings")
+    classifier_300 = vnp_resources["models"].paths(300).classifier
+    mismatched = make_resources(classifier=str(classifier_300))
 
     with pytest.raises(ValueError, match="500-bp chunks but the classifier .*300_model.* was trained on 300-bp chunks"):
         materialize_for_sample(mismatched, instance, "virnucpro_predictions")

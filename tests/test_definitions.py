@@ -12,8 +12,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 from dagster._core.instance.config import PoolGranularity
 
-from vnp_assets.definitions import build_definitions, settings_from_environment
-from vnp_assets.resources import VnpSettings
+from vnp_assets.definitions import SettingsError, build_definitions, resources_from_settings, settings_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = {"sequence_index", "esm2_embeddings", "dnabert_s_embeddings", "merged_embeddings", "fp16_validation_report",
@@ -37,11 +36,15 @@ def test_definitions_hold_every_asset_check_and_sensor() -> None:
     shard_step = defs.get_assets_def(AssetKey("esm2_embeddings"))
     assert shard_step is defs.get_assets_def(AssetKey("dnabert_s_embeddings")) and shard_step.can_subset
     # Without GPUs and without a shard count, there is one shard per model.
-    assert defs.resources["vnp"].num_shards == 1
+    assert defs.resources["processing"].num_shards == 1
+    # Named jobs, so runs say what they are for; groups, so the UI shows the stages.
+    assert {job.name for job in defs.jobs} >= {"index_sample", "embed_shard", "finish_sample"}
+    assert {graph.get(key).group_name for key in graph.get_all_asset_keys()} == {"prep", "embeddings", "validation", "calls"}
+    assert all(sensor.description for sensor in defs.sensors)
 
 
 def test_the_shard_count_fixes_the_shard_partitions(tmp_path: Path) -> None:
-    defs = build_definitions(VnpSettings(storage_root=str(tmp_path), inbox_dir=str(tmp_path), num_shards=3))
+    defs = build_definitions(resources_from_settings({"num_shards": 3}, home=tmp_path))
     shards = defs.resolve_asset_graph().get(AssetKey("esm2_embeddings")).partitions_def.get_partitions_def_for_dimension("shard")
     assert shards.get_partition_keys() == ["0", "1", "2"]
 
@@ -50,11 +53,26 @@ def test_settings_come_from_dagster_home_and_an_optional_yaml(tmp_path: Path) ->
     settings_file = tmp_path / "vnp.yaml"
     settings_file.write_text("chunk_length: 300\ndevices: [2, 3]\nesm2_model: /models/esm2_t36_3B_UR50D.pt\n")
 
-    settings = settings_from_environment({"DAGSTER_HOME": str(tmp_path), "VNP_SETTINGS": str(settings_file)})
+    settings, home = settings_from_environment({"DAGSTER_HOME": str(tmp_path), "VNP_SETTINGS": str(settings_file)})
+    resources = resources_from_settings({**settings, "devices": None}, home)  # this host has no GPU 2 or 3
 
-    assert settings.storage_root == str(tmp_path / "storage")
-    assert settings.inbox_dir == str(tmp_path / "inbox")
-    assert (settings.chunk_length, settings.devices, settings.esm2_model) == (300, [2, 3], "/models/esm2_t36_3B_UR50D.pt")
+    assert settings["devices"] == [2, 3]
+    assert resources["storage"].storage_root == str(tmp_path / "storage")
+    assert resources["storage"].inbox_dir == str(tmp_path / "inbox")
+    assert (resources["processing"].chunk_length, resources["models"].esm2_model) == (300, "/models/esm2_t36_3B_UR50D.pt")
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"chunk_lenght": 300}, "unknown setting(s) chunk_lenght"),
+    ({"chunk_length": 400}, "chunk_length must be 300 or 500"),
+    ({"num_shards": 0}, "num_shards"),
+    ({"dtype": "float8"}, "dtype must be float32, float16 or bfloat16"),
+    ({"devices": [7]}, "GPU(s) [7] requested"),
+])
+def test_bad_settings_are_refused_with_a_sentence(tmp_path: Path, settings: dict, message: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        resources_from_settings(settings, home=tmp_path)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_instance_template_queues_runs_and_pools_gpu_steps(tmp_path: Path) -> None:

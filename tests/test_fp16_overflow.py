@@ -1,7 +1,7 @@
 """A tiny ESM-2 built to overflow in float16: the engine refuses its NaN/Inf, naming the sequences,
 and through Dagster the failed shard keeps everything downstream from running.
 
-The checkpoint is fair-esm's own format (written by `write_tiny_checkpoint`, edited, saved back),
+The checkpoint is fair-esm's own format (written by `write_tiny_esm2`, edited, saved back),
 so it goes through the same loader as the released weights.
 """
 
@@ -21,13 +21,14 @@ import vnp_assets.assets.embeddings as embeddings_module
 from vnp_assets.assets import build_assets
 from vnp_assets.definitions import build_definitions
 from vnp_assets.partitions import sample_shard_key
-from vnp_assets.resources import VnpSettings
 from vnp_core.config import EmbedConfig, PrepConfig
-from vnp_core.engine import NonFiniteEmbeddingError, embed_sequences, load_model
+from vnp_core.engine import NonFiniteEmbeddingError, embed_sequences
 from vnp_core.fasta import read_fasta
-from vnp_core.models.esm2 import TOKENS, write_tiny_checkpoint
+from vnp_core.models import model_spec
+from vnp_core.models.esm2 import TOKENS
 from vnp_core.prep import prepare_records
 from vnp_core.store import checkpoint_path, read_embeddings
+from vnp_core.tiny_models import write_tiny_esm2
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 OVERFLOWING_RESIDUE = "H"
@@ -44,7 +45,7 @@ def write_overflowing_checkpoint(path: Path) -> Path:
     intact and only the activations overflow. Attention keeps the NaN that follows within its own
     sequence, so only the sequences holding an H go bad.
     """
-    write_tiny_checkpoint(path)
+    write_tiny_esm2(path)
     checkpoint = torch.load(path, weights_only=False)  # fair-esm pickles its config as an argparse.Namespace
     weights = checkpoint["model"]
     weights["embed_tokens.weight"][TOKENS.index(OVERFLOWING_RESIDUE)] = 60_000.0
@@ -79,13 +80,13 @@ def test_float16_overflow_is_refused_naming_its_sequences_and_nothing_is_written
     assert 0 < len(overflowing) < len(ids)  # some frames overflow, some do not: the message must tell which
 
     fp32 = EmbedConfig(device="cpu", dtype="float32")
-    embed_sequences(load_model("esm2", overflowing_esm2, fp32), ids, proteins, tmp_path / "fp32.h5", fp32)
+    embed_sequences(model_spec("esm2").load(overflowing_esm2, fp32), ids, proteins, tmp_path / "fp32.h5", fp32)
     assert np.isfinite(read_embeddings(tmp_path / "fp32.h5").embeddings).all()
 
     fp16 = EmbedConfig(device="cpu", dtype="float16")
     out = tmp_path / "fp16.h5"
     with pytest.raises(NonFiniteEmbeddingError, match=f"NaN/Inf embeddings for {len(overflowing)} of the") as failure:
-        embed_sequences(load_model("esm2", overflowing_esm2, fp16), ids, proteins, out, fp16)
+        embed_sequences(model_spec("esm2").load(overflowing_esm2, fp16), ids, proteins, out, fp16)
     assert named_ids(str(failure.value), ids) == overflowing
     assert not out.exists()
     with h5py.File(checkpoint_path(out)) as checkpoint:  # what a rerun resumes from holds no row of the bad pack
@@ -93,20 +94,20 @@ def test_float16_overflow_is_refused_naming_its_sequences_and_nothing_is_written
 
 
 def test_a_float16_overflow_fails_its_shard_and_nothing_downstream_runs(
-        vnp_settings: VnpSettings, instance: DagsterInstance, add_sample, overflowing_esm2: Path,
+        make_resources, instance: DagsterInstance, add_sample, overflowing_esm2: Path,
         phix_frames: pl.DataFrame, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = VnpSettings(**{**vnp_settings.model_dump(), "num_shards": 1, "esm2_model": str(overflowing_esm2),
-                              "dtype": "float16"})
+    settings = make_resources(num_shards=1, esm2_model=str(overflowing_esm2), dtype="float16")
     shard = sample_shard_key("phix", 0)
 
     def run(asset: str, partition: str):
-        return materialize(ASSETS, selection=[asset], partition_key=partition, resources={"vnp": settings},
+        return materialize(ASSETS, selection=[asset], partition_key=partition, resources=settings,
                            instance=instance, raise_on_error=False)
 
+    defs = build_definitions(settings)
+    automation = evaluate_automation_conditions(defs, instance=instance)  # the daemon ticks before the sample arrives
     add_sample("phix", REAL_DATA / "phiX174.fasta")
     assert run("sequence_index", "phix").success
-    defs = build_definitions(settings)
-    automation = evaluate_automation_conditions(defs, instance=instance)  # a tick before, as the sensor ticks on
+    automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     with monkeypatch.context() as patch:
         patch.setattr(embeddings_module, "embed_shards", fake_embed_shards)  # DNABERT-S is not under test here
         assert run("dnabert_s_embeddings", shard).success
@@ -116,7 +117,7 @@ def test_a_float16_overflow_fails_its_shard_and_nothing_downstream_runs(
     error = failed.get_step_failure_events()[0].step_failure_data.error.cause
     assert error.cls_name == "NonFiniteEmbeddingError"
     assert named_ids(error.message, phix_frames["frame_id"].to_list()) == overflowing_frames(phix_frames)
-    assert not settings.sample_layout("phix").embeddings("esm2", 0).exists()
+    assert not settings["storage"].layout("phix").embeddings("esm2", 0).exists()
 
     automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     assert {asset: automation.get_num_requested(AssetKey(asset)) for asset in DOWNSTREAM} == dict.fromkeys(DOWNSTREAM, 0)

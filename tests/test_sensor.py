@@ -11,21 +11,27 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context
 
-from vnp_assets.resources import VnpSettings
+from conftest import Resources
+from vnp_assets.resources import SampleStorage
 from vnp_assets.samples import sample_name
 from vnp_assets.sensors import fasta_inbox_sensor
 
 
-@pytest.fixture
-def vnp_settings(tmp_path: Path) -> VnpSettings:
+def storage(tmp_path: Path, **changes) -> Resources:
     """Only what the sensor reads: the inbox and the storage root (no models)."""
+    return {"storage": SampleStorage(storage_root=str(tmp_path / "storage"), inbox_dir=str(tmp_path / "inbox"),
+                                     **{"inbox_settle_seconds": 0, **changes})}
+
+
+@pytest.fixture
+def vnp_resources(tmp_path: Path) -> Resources:
     (tmp_path / "inbox").mkdir()
-    return VnpSettings(storage_root=str(tmp_path / "storage"), inbox_dir=str(tmp_path / "inbox"), inbox_settle_seconds=0)
+    return storage(tmp_path)
 
 
-def tick(settings: VnpSettings, instance: DagsterInstance, cursor: str | None) -> SensorResult:
+def tick(settings: Resources, instance: DagsterInstance, cursor: str | None) -> SensorResult:
     """One sensor evaluation, with its partition requests applied as the daemon would."""
-    context = build_sensor_context(instance=instance, cursor=cursor, resources={"vnp": settings})
+    context = build_sensor_context(instance=instance, cursor=cursor, resources=settings)
     result = fasta_inbox_sensor(context)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
@@ -36,8 +42,8 @@ def requested(result: SensorResult) -> list[str]:
     return sorted(request.partition_key for request in result.run_requests)
 
 
-def drop(settings: VnpSettings, name: str, text: str) -> Path:
-    path = Path(settings.inbox_dir) / name
+def drop(settings: Resources, name: str, text: str) -> Path:
+    path = Path(settings["storage"].inbox_dir) / name
     path.write_text(text)
     return path
 
@@ -52,80 +58,81 @@ def test_sample_names_are_sanitised_and_non_fasta_ignored() -> None:
     assert sample_name(".fa") is None
 
 
-def test_new_files_become_samples_with_their_own_copy(vnp_settings: VnpSettings, instance: DagsterInstance) -> None:
-    drop(vnp_settings, "a b.fa", ">r1\nACGT\n")
-    with gzip.open(Path(vnp_settings.inbox_dir) / "c.fasta.gz", "wt") as handle:
+def test_new_files_become_samples_with_their_own_copy(vnp_resources: Resources, instance: DagsterInstance) -> None:
+    drop(vnp_resources, "a b.fa", ">r1\nACGT\n")
+    with gzip.open(Path(vnp_resources["storage"].inbox_dir) / "c.fasta.gz", "wt") as handle:
         handle.write(">r2\nGGCC\n")
-    drop(vnp_settings, "readme.txt", "not a FASTA")
+    drop(vnp_resources, "readme.txt", "not a FASTA")
 
-    result = tick(vnp_settings, instance, None)
+    result = tick(vnp_resources, instance, None)
 
     assert requested(result) == ["a_b", "c"]
     assert all(request.run_key == request.partition_key for request in result.run_requests)
     assert sorted(instance.get_dynamic_partitions("samples")) == ["a_b", "c"]
-    a_b = vnp_settings.sample_layout("a_b")
+    a_b = vnp_resources["storage"].layout("a_b")
     assert a_b.input_fasta.read_text() == ">r1\nACGT\n"
     assert a_b.input_sha256.read_text() == hashlib.sha256(b">r1\nACGT\n").hexdigest()
-    assert vnp_settings.sample_layout("c").input_fasta.name == "c.fasta.gz"
+    assert vnp_resources["storage"].layout("c").input_fasta.name == "c.fasta.gz"
     # Editing the inbox afterwards leaves the registered copy alone.
-    drop(vnp_settings, "a b.fa", ">edited\nTTTT\n")
+    drop(vnp_resources, "a b.fa", ">edited\nTTTT\n")
     assert a_b.input_fasta.read_text() == ">r1\nACGT\n"
 
 
-def test_cursor_skips_files_already_seen(vnp_settings: VnpSettings, instance: DagsterInstance) -> None:
-    drop(vnp_settings, "s1.fa", ">r\nACGT\n")
-    first = tick(vnp_settings, instance, None)
-    second = tick(vnp_settings, instance, first.cursor)
+def test_cursor_skips_files_already_seen(vnp_resources: Resources, instance: DagsterInstance) -> None:
+    drop(vnp_resources, "s1.fa", ">r\nACGT\n")
+    first = tick(vnp_resources, instance, None)
+    second = tick(vnp_resources, instance, first.cursor)
     assert requested(first) == ["s1"]
     assert requested(second) == [] and second.dynamic_partitions_requests == []
     assert second.cursor == first.cursor
 
 
-def test_same_file_dropped_again_is_not_a_new_sample(vnp_settings: VnpSettings, instance: DagsterInstance) -> None:
-    drop(vnp_settings, "s1.fa", ">r\nACGT\n")
-    first = tick(vnp_settings, instance, None)
+def test_same_file_dropped_again_is_not_a_new_sample(vnp_resources: Resources, instance: DagsterInstance) -> None:
+    drop(vnp_resources, "s1.fa", ">r\nACGT\n")
+    first = tick(vnp_resources, instance, None)
     time.sleep(0.02)  # a later arrival than the cursor's on coarse file-system clocks
-    drop(vnp_settings, "s1.fa", ">r\nACGT\n")
-    again = tick(vnp_settings, instance, first.cursor)
+    drop(vnp_resources, "s1.fa", ">r\nACGT\n")
+    again = tick(vnp_resources, instance, first.cursor)
     assert requested(again) == []
     assert again.cursor != first.cursor  # the file was looked at once, and is now behind the cursor
     assert instance.get_dynamic_partitions("samples") == ["s1"]
 
 
-def test_changed_file_becomes_a_new_sample_named_by_its_checksum(vnp_settings: VnpSettings, instance: DagsterInstance) -> None:
-    drop(vnp_settings, "s1.fa", ">r\nACGT\n")
-    first = tick(vnp_settings, instance, None)
+def test_changed_file_becomes_a_new_sample_named_by_its_checksum(vnp_resources: Resources, instance: DagsterInstance) -> None:
+    drop(vnp_resources, "s1.fa", ">r\nACGT\n")
+    first = tick(vnp_resources, instance, None)
     time.sleep(0.02)
-    drop(vnp_settings, "s1.fa", ">r\nTTTT\n")
-    changed = tick(vnp_settings, instance, first.cursor)
+    drop(vnp_resources, "s1.fa", ">r\nTTTT\n")
+    changed = tick(vnp_resources, instance, first.cursor)
 
     new_name = "s1-" + hashlib.sha256(b">r\nTTTT\n").hexdigest()[:8]
     assert requested(changed) == [new_name]
-    assert vnp_settings.sample_layout("s1").input_fasta.read_text() == ">r\nACGT\n"
-    assert vnp_settings.sample_layout(new_name).input_fasta.read_text() == ">r\nTTTT\n"
+    assert vnp_resources["storage"].layout("s1").input_fasta.read_text() == ">r\nACGT\n"
+    assert vnp_resources["storage"].layout(new_name).input_fasta.read_text() == ">r\nTTTT\n"
 
 
-def test_file_still_being_written_waits_until_it_settles(vnp_settings: VnpSettings, instance: DagsterInstance) -> None:
-    patient = VnpSettings(**{**vnp_settings.model_dump(), "inbox_settle_seconds": 3600})
-    old = drop(vnp_settings, "old.fa", ">r\nACGT\n")
+def test_file_still_being_written_waits_until_it_settles(vnp_resources: Resources, instance: DagsterInstance,
+                                                        tmp_path: Path) -> None:
+    patient = storage(tmp_path, inbox_settle_seconds=3600)
+    old = drop(vnp_resources, "old.fa", ">r\nACGT\n")
     os.utime(old, ns=(0, 0))  # its mtime is old, but the write set its ctime to now
-    drop(vnp_settings, "fresh.fa", ">r\nAC")
+    drop(vnp_resources, "fresh.fa", ">r\nAC")
     waiting = tick(patient, instance, None)
     assert requested(waiting) == []
 
-    taken = tick(vnp_settings, instance, waiting.cursor)
+    taken = tick(vnp_resources, instance, waiting.cursor)
     assert requested(taken) == ["fresh", "old"]
 
 
-def test_three_thousand_files_in_one_tick(vnp_settings: VnpSettings, instance: DagsterInstance) -> None:
+def test_three_thousand_files_in_one_tick(vnp_resources: Resources, instance: DagsterInstance) -> None:
     for i in range(3000):
-        drop(vnp_settings, f"read_{i:04d}.fa", f">r{i}\nACGT\n")
+        drop(vnp_resources, f"read_{i:04d}.fa", f">r{i}\nACGT\n")
     start = time.perf_counter()
-    result = tick(vnp_settings, instance, None)
+    result = tick(vnp_resources, instance, None)
     elapsed = time.perf_counter() - start
     assert len(result.run_requests) == 3000
     assert elapsed < 10, f"one tick over 3,000 new files took {elapsed:.1f} s"
 
     start = time.perf_counter()
-    assert tick(vnp_settings, instance, result.cursor).run_requests == []
+    assert tick(vnp_resources, instance, result.cursor).run_requests == []
     assert time.perf_counter() - start < 2

@@ -7,10 +7,21 @@ from pathlib import Path
 
 from dagster import AssetCheckResult, AssetCheckSpec, AssetKey, AutomationCondition
 
-# Downstream assets run when their inputs change, but never on top of a failed blocking check
-# (a failed check in an earlier run leaves the materialization recorded; eager() alone would go on).
-EAGER_AFTER_CHECKS = (AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed()
-                      ).with_label("eager after upstream checks pass")
+# A new sample flows on by itself: an asset's partition that is still missing runs once its inputs
+# are updated and their blocking checks passed (a failed check in an earlier run leaves the
+# materialization recorded, so "inputs updated" alone would go on). A manual rerun of an asset does
+# not set off everything below it, as eager() would; a new code version (`vnp_assets.versions`: a
+# model file replaced) refreshes the assets it changed, top down.
+FLOW_ON_AFTER_CHECKS = (
+    ((AutomationCondition.missing() & AutomationCondition.any_deps_updated().since_last_handled())
+     # A new version runs once its inputs' new versions have run (they change on the same tick).
+     | (AutomationCondition.code_version_changed().since_last_handled()
+        & ~AutomationCondition.any_deps_match(AutomationCondition.code_version_changed())))
+    & ~AutomationCondition.any_deps_missing()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+    & AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("new partitions and new code versions, after upstream checks pass")
 
 
 def shard_check_specs(asset_key: AssetKey) -> list[AssetCheckSpec]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 from dagster import AssetExecutionContext, MetadataValue
 
-from vnp_assets.resources import VnpSettings
+from vnp_assets.resources import ModelSet
 
 
 def markdown_table(table: pl.DataFrame) -> MetadataValue:
@@ -14,11 +14,11 @@ def markdown_table(table: pl.DataFrame) -> MetadataValue:
         return MetadataValue.md(str(table))
 
 
-def warn_if_tiny(context: AssetExecutionContext, vnp: VnpSettings, used: set[str]) -> dict[str, MetadataValue]:
+def warn_if_tiny(context: AssetExecutionContext, models: ModelSet, used: set[str]) -> dict[str, MetadataValue]:
     """Logs, and returns as metadata, which of the `used` models are tiny placeholders (nothing when none)."""
     from vnp_core.tiny_models import TINY_MODELS_NOTICE
 
-    tiny = sorted(used.intersection(vnp.tiny_models_used()))
+    tiny = sorted(used.intersection(models.tiny_models_used()))
     if not tiny:
         return {}
     warning = f"{', '.join(tiny)}: {TINY_MODELS_NOTICE}"

@@ -1,101 +1,154 @@
-"""`VnpSettings`: the one place where Dagster settings become the typed `VnpConfig` passed down."""
+"""The resources, one per capability: where samples live, how they are processed, which models and GPUs.
+
+Assets ask for the capabilities they use; tests swap one resource. `definitions.resources_from_settings`
+is the one place where a user's settings become these resources.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from logging import Logger
 from pathlib import Path
+from typing import Any
 
 from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from vnp_assets.layout import SampleLayout
-from vnp_core.config import EmbedConfig, ModelPaths, PrepConfig, ValidationConfig, VnpConfig
+from vnp_core.config import EmbedConfig, ModelPaths, PrepConfig, ValidationConfig
+from vnp_core.models import MODELS
 
 
-class VnpSettings(ConfigurableResource):
-    """Where samples live, which models and GPUs they use, and how they are run."""
+class SampleStorage(ConfigurableResource):
+    """Where samples, their outputs and the inbox live."""
 
     storage_root: str = Field(description="Samples, their outputs and the tiny models live under this folder.")
     inbox_dir: str = Field(description="Folder the inbox sensor watches for *.fa, *.fasta, *.fna (optionally .gz).")
     inbox_settle_seconds: float = Field(
         default=10.0, description="A dropped file is taken only once it has not changed for this long (copies in progress).")
+
+    def layout(self, sample: str) -> SampleLayout:
+        return SampleLayout(self.samples_dir / sample)
+
+    @property
+    def samples_dir(self) -> Path:
+        return Path(self.storage_root) / "samples"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where dropped files are copied before they become a sample's (same file system: a rename publishes)."""
+        return self.samples_dir / ".incoming"
+
+
+class SampleProcessing(ConfigurableResource):
+    """How a sample is cut, sharded and validated."""
+
     chunk_length: int = Field(default=500, description="300 or 500: must match the classifier.")
     skip_bad_records: bool = Field(default=False, description="Skip (and count) malformed FASTA records instead of failing.")
-    num_shards: int | None = Field(
-        default=None, description="Shards per model; fixed when definitions load. Default: one per usable GPU, at least 1.")
-    devices: list[int] | None = Field(
-        default=None, description="Physical GPU ids this platform may use (e.g. [2, 3]). Default: every GPU of the host.")
-    gpu_lock_dir: str = Field(
-        default="/tmp/vnp-gpu-locks", description="Lock files of the per-GPU leases: shared by every run on the host.")
-    gpu_lease_timeout_s: float = Field(default=24 * 3600.0, description="How long a step waits for a free GPU.")
+    num_shards: int = Field(default=1, ge=1, description="Shards per model (the partitions' shard dimension).")
+    validation_sample_size: int = Field(default=512, ge=1, description="Sequences per model recomputed in fp32 for the report.")
+
+    def prep_config(self) -> PrepConfig:
+        return PrepConfig(chunk_length=self.chunk_length, skip_bad_records=self.skip_bad_records,
+                          num_shards=self.num_shards)
+
+    def validation_config(self) -> ValidationConfig:
+        return ValidationConfig(sample_size=self.validation_sample_size)
+
+
+class ModelSet(ConfigurableResource):
+    """The models' files and how they run. A model left unset is a tiny random placeholder under
+    `tiny_models_dir`, written once by `write_tiny_models_if_used` (never by a getter)."""
+
     esm2_model: str | None = Field(default=None, description="fair-esm .pt or HF ESM-2 directory (default: tiny model).")
     dnabert_s_model: str | None = Field(default=None, description="DNABERT-S HF directory (default: tiny model).")
     classifier: str | None = Field(default=None, description="VirNucPro classifier weights (default: tiny model).")
     trust_classifier_pickle: bool = Field(
         default=False, description="Allow a pickled whole-module classifier (loading it runs code from the file).")
+    tiny_models_dir: str = Field(description="Where the tiny placeholder models are written.")
     dtype: str | None = Field(default=None, description="float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU).")
     max_tokens: int | None = Field(default=None, description="Token budget of one pack (default: sized from free memory).")
     compile_min_tokens: int | None = Field(
         default=None, description="Compile a shard's layers from this many tokens on (default: each model's break-even; 0: always).")
-    validation_sample_size: int = Field(default=512, description="Sequences per model recomputed in fp32 for the report.")
 
-    def sample_layout(self, sample: str) -> SampleLayout:
-        return SampleLayout(Path(self.storage_root) / "samples" / sample)
-
-    def usable_devices(self) -> list[int]:
-        from vnp_core.gpu import discover_devices
-
-        return discover_devices(self.devices)
-
-    def cpu_threads_per_gpu(self) -> int:
-        """The host's cores shared out among its usable GPUs: each GPU step's CPU thread pool."""
-        return max(1, (os.cpu_count() or 1) // max(1, len(self.usable_devices())))
-
-    def shard_count(self) -> int:
-        return self.num_shards or max(1, len(self.usable_devices()))
-
-    def with_fixed_shard_count(self) -> VnpSettings:
-        """These settings with `num_shards` resolved: the partitions and every step must agree on it."""
-        return VnpSettings(**{**self.model_dump(), "num_shards": self.shard_count()})
-
-    def gpu_lease(self) -> AbstractContextManager[int | None]:
-        """`with vnp.gpu_lease() as device:` one usable GPU, exclusive across every run on the host (None without GPUs)."""
-        from vnp_core.gpu import GpuLease
-
-        devices = self.usable_devices()
-        return GpuLease(devices, Path(self.gpu_lock_dir), timeout=self.gpu_lease_timeout_s) if devices else nullcontext()
+    def given(self) -> dict[str, str | None]:
+        """Each model's path as the user gave it (None: the tiny placeholder): every embedder, then the classifier."""
+        return {**{name: getattr(self, f"{name}_model") for name in MODELS}, "classifier": self.classifier}
 
     def tiny_models_used(self) -> list[str]:
         """The models left at their default: tiny random placeholders with no biological meaning."""
-        given = {"esm2": self.esm2_model, "dnabert_s": self.dnabert_s_model, "classifier": self.classifier}
-        return [name for name, path in given.items() if path is None]
+        return [name for name, path in self.given().items() if path is None]
 
-    def model_paths(self) -> ModelPaths:
-        """The user's model paths, with the tiny placeholders (made once under the storage root) for the rest."""
-        tiny: dict[str, Path] = {}
+    def write_tiny_models_if_used(self) -> None:
         if self.tiny_models_used():
             from vnp_core.tiny_models import write_tiny_models
 
-            tiny = write_tiny_models(Path(self.storage_root) / "tiny_models")
-        tiny_classifier = tiny.get(f"classifier_{self.chunk_length}")
-        return ModelPaths(
-            esm2=Path(self.esm2_model) if self.esm2_model else tiny["esm2"],
-            dnabert_s=Path(self.dnabert_s_model) if self.dnabert_s_model else tiny["dnabert_s"],
-            classifier=Path(self.classifier) if self.classifier else tiny_classifier,
-            trust_classifier_pickle=self.trust_classifier_pickle,
-        )
+            write_tiny_models(Path(self.tiny_models_dir))
 
-    def vnp_config(self, device: str = "cpu") -> VnpConfig:
-        """The typed configuration of one step; `device` is what the step runs its models on."""
-        embed = EmbedConfig(device=device, dtype=self.dtype or ("float32" if device == "cpu" else "float16"),
-                            max_tokens=self.max_tokens, compile_min_tokens=self.compile_min_tokens)
-        return VnpConfig(
-            storage_root=Path(self.storage_root),
-            prep=PrepConfig(chunk_length=self.chunk_length, skip_bad_records=self.skip_bad_records,
-                            num_shards=self.shard_count()),
-            esm2=embed,
-            dnabert_s=embed,
-            models=self.model_paths(),
-            validation=ValidationConfig(sample_size=self.validation_sample_size),
-        )
+    def paths(self, chunk_length: int) -> ModelPaths:
+        """Every model's path, the tiny placeholders' for those left unset (the classifier's for `chunk_length`)."""
+        from vnp_core.tiny_models import tiny_model_paths
+
+        tiny = tiny_model_paths(Path(self.tiny_models_dir), chunk_length) if self.tiny_models_used() else {}
+        paths = {name: Path(given) if given else tiny[name] for name, given in self.given().items()}
+        classifier = paths.pop("classifier")
+        return ModelPaths(embedders=paths, classifier=classifier, trust_classifier_pickle=self.trust_classifier_pickle)
+
+    def embed_config(self, device: str) -> EmbedConfig:
+        """How the models run on `device` ("cpu" or "cuda")."""
+        return EmbedConfig(device=device, dtype=self.dtype or ("float32" if device == "cpu" else "float16"),
+                           max_tokens=self.max_tokens, compile_min_tokens=self.compile_min_tokens)
+
+
+class GpuPool(ConfigurableResource):
+    """The host's GPUs: discovered once, leased one per step across every run, each step in a process bound to it."""
+
+    devices: list[int] | None = Field(
+        default=None, description="Physical GPU ids this platform may use (e.g. [2, 3]). Default: every GPU of the host.")
+    lock_dir: str = Field(
+        default="/tmp/vnp-gpu-locks", description="Lock files of the per-GPU leases: shared by every run on the host.")
+    lease_timeout_s: float = Field(default=24 * 3600.0, description="How long a step waits for a free GPU.")
+
+    _discovered: list[int] | None = PrivateAttr(default=None)
+
+    @property
+    def usable_devices(self) -> list[int]:
+        """Physical ids of the GPUs steps may lease, discovered once per process."""
+        if self._discovered is None:
+            from vnp_core.gpu import discover_devices
+
+            self._discovered = discover_devices(self.devices)
+        return self._discovered
+
+    @property
+    def cpu_threads_per_gpu(self) -> int:
+        """The host's cores shared out among its usable GPUs: each GPU step's CPU thread pool."""
+        return max(1, (os.cpu_count() or 1) // max(1, len(self.usable_devices)))
+
+    def lease(self) -> AbstractContextManager[int | None]:
+        """`with gpus.lease() as device:` one usable GPU, exclusive across every run on the host (None without GPUs)."""
+        from vnp_core.gpu import GpuLease
+
+        devices = self.usable_devices
+        return GpuLease(devices, Path(self.lock_dir), timeout=self.lease_timeout_s) if devices else nullcontext()
+
+    @property
+    def torch_device(self) -> str:
+        """What a step's models run on: "cuda" (inside its process, the one leased GPU) or "cpu" on a host without GPUs."""
+        return "cuda" if self.usable_devices else "cpu"
+
+    def run_on_gpu(self, fn: Callable[..., Any], /, *args, log: Logger, with_progress: bool = False,
+                   **kwargs) -> tuple[Any, str]:
+        """`fn(*args, **kwargs)` in a process bound to one leased GPU (no GPU on a host without one);
+        its result and where it ran. `with_progress`: `fn` also takes a `progress` callback, logged to `log`."""
+        from vnp_assets.progress import run_logging_progress
+        from vnp_core.gpu import run_in_device_process
+
+        with self.lease() as device:
+            where = "cpu" if device is None else f"GPU {device}"
+            cpu_threads = None if device is None else self.cpu_threads_per_gpu
+            run = partial(run_logging_progress, log) if with_progress else run_in_device_process
+            return run(fn, *args, device=device, cpu_threads=cpu_threads, **kwargs), where

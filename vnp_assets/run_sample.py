@@ -7,12 +7,23 @@ each, as many at once as there are usable GPUs (one on a CPU-only host); each st
 own GPU lease. Processes rather than threads: Dagster's in-process execution is not thread-safe.
 Those processes start while the index is built, so their imports, and those of each one's spare
 device process (`start_spare_device_process`), are paid before the GPUs wait.
+
+Kills: the worker processes and every device process die with `vnp run` (`exit_with_parent`),
+however it is stopped. Each run is tagged with the host, pid and start time of the process that
+executes it (`process_tags`); a later `vnp run` on the home finds the runs whose process is gone,
+still STARTED in the instance, marks them failed and frees their `gpu` pool slots
+(`reclaim_dead_runs`), so it never waits for a slot a dead run holds. GPU leases are flocks, which
+the kernel drops with their holder. Checkpoints make the rerun resume where the killed one stopped.
+Two `vnp run` of one sample at once: the second refuses at once (`sample_lock`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -21,14 +32,14 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, materialize
 
 from vnp_assets.assets import build_assets
-from vnp_assets.assets.embeddings import MODELS
+from vnp_assets.definitions import resources_from_settings
 from vnp_assets.partitions import sample_shard_key
-from vnp_assets.resources import VnpSettings
-from vnp_assets.samples import register_sample, sample_name
-from vnp_core.gpu import start_spare_device_process
+from vnp_assets.samples import clean_staging, register_sample, sample_name
+from vnp_core.gpu import exit_with_parent, start_spare_device_process
+from vnp_core.models import MODELS
 
 INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 # Step progress and warnings on the terminal; Dagster's DEBUG events stay in the instance's event log.
@@ -59,13 +70,10 @@ class SampleRun:
         return "\n".join(lines)
 
 
-def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = None, home: Path = Path("vnp_home"),
-               esm2_model: Path | None = None, dnabert_s_model: Path | None = None, classifier: Path | None = None,
-               trust_classifier_pickle: bool = False, dtype: str | None = None,
-               devices: Sequence[int] | None = None, until: str = "virnucpro_predictions",
-               compile_min_tokens: int | None = None) -> SampleRun:
-    """Materializes `input` as one sample up to the stage `until` (one of `STAGES`), on `devices` (default:
-    every GPU, or the CPU)."""
+def run_sample(input: Path, *, home: Path = Path("vnp_home"), until: str = "virnucpro_predictions",
+               **settings) -> SampleRun:
+    """Materializes `input` as one sample up to the stage `until` (one of `STAGES`). `settings`: the
+    flat settings of `definitions.resources_from_settings` (chunk_length, num_shards, esm2_model, devices...)."""
     if until not in STAGES:
         raise ValueError(f"until={until!r}: expected one of {', '.join(STAGES)}")
     input, home = Path(input), Path(home).resolve()
@@ -74,21 +82,26 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         raise ValueError(f"{input}: a FASTA file's name must end in .fa, .fasta or .fna (optionally .gz)")
     if not input.is_file():
         raise FileNotFoundError(f"{input}: no such file")
+    resources = resources_from_settings({key: value for key, value in settings.items() if value is not None}, home)
+    with sample_lock(resources["storage"], name):
+        return _run_sample_locked(input, name, home, until, resources)
+
+
+def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources: dict) -> SampleRun:
+    storage, processing, models, gpus = (resources[key] for key in ("storage", "processing", "models", "gpus"))
+    models.write_tiny_models_if_used()
     instance = local_instance(home)
-    settings = VnpSettings(
-        storage_root=str(home / "storage"), inbox_dir=str(home / "inbox"), chunk_length=chunk_length, num_shards=shards,
-        esm2_model=_optional_str(esm2_model), dnabert_s_model=_optional_str(dnabert_s_model),
-        classifier=_optional_str(classifier), trust_classifier_pickle=trust_classifier_pickle, dtype=dtype,
-        devices=None if devices is None else list(devices), compile_min_tokens=compile_min_tokens,
-    ).with_fixed_shard_count()
+    reclaim_dead_runs(instance)
     if "gpu" not in instance.event_log_storage.get_concurrency_keys():
         # Sized once: the same home serves `dagster dev`, whose runs queue their GPU steps on this pool.
-        instance.event_log_storage.set_concurrency_slots("gpu", max(1, len(settings.usable_devices())))
-    sample, _ = register_sample(input, name, settings, set(instance.get_dynamic_partitions("samples")))
+        instance.event_log_storage.set_concurrency_slots("gpu", max(1, len(gpus.usable_devices)))
+    clean_staging(storage)
+    sample, _ = register_sample(input, name, storage, set(instance.get_dynamic_partitions("samples")))
     instance.add_dynamic_partitions("samples", [sample])
 
-    run = SampleRun(sample, input, settings.num_shards, settings.tiny_models_used())
-    assets = build_assets(settings.num_shards)
+    run = SampleRun(sample, input, processing.num_shards, models.tiny_models_used())
+    assets = build_assets(processing.num_shards)
+    fields = resource_fields(resources)
 
     def stage(label: str, work: Callable[..., object], *args) -> None:
         start = time.perf_counter()
@@ -96,14 +109,15 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
         run.stage_seconds[label] = time.perf_counter() - start
 
     def materialize_sample(asset: str) -> None:
-        materialize(assets, selection=[asset], partition_key=sample, resources={"vnp": settings}, instance=instance,
-                    run_config=CONSOLE_AT_INFO)
+        materialize(assets, selection=[asset], partition_key=sample, resources=resources, instance=instance,
+                    run_config=CONSOLE_AT_INFO, tags=process_tags())
 
-    with shard_workers(settings, home) as workers:
+    worker_count = max(1, len(gpus.usable_devices))
+    with shard_workers(gpus.devices, worker_count, home) as workers:
         stage("sequence_index", materialize_sample, "sequence_index")
         if until != "sequence_index":
-            stage(f"embeddings ({settings.num_shards} steps of {len(MODELS)} models)", embed_all_shards, workers, home,
-                  settings, sample)
+            stage(f"embeddings ({processing.num_shards} steps of {len(MODELS)} models)", embed_all_shards, workers,
+                  worker_count, home, fields, sample)
     if STAGES.index(until) >= STAGES.index("fp16_validation_report"):
         from vnp_core.validate import REFERENCE_MODULES
 
@@ -112,12 +126,17 @@ def run_sample(input: Path, *, chunk_length: int = 500, shards: int | None = Non
     for asset in STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]:
         stage(asset, materialize_sample, asset)
 
-    layout = settings.sample_layout(sample)
+    layout = storage.layout(sample)
     outputs = {"prep files": layout.prep_dir, "index": layout.index, "embedding shards": layout.embeddings_dir,
                "merged embeddings": layout.merged, "validation report": layout.report_dir,
                "predictions": layout.predictions_dir}
     run.outputs = {label: path for label, path in outputs.items() if path.exists()}  # those the stages run made
     return run
+
+
+def resource_fields(resources: dict) -> dict[str, dict]:
+    """The resources as plain fields, to rebuild them in a worker process (`materialize_shard`)."""
+    return {key: resource.model_dump() for key, resource in resources.items()}
 
 
 def local_instance(home: Path) -> DagsterInstance:
@@ -129,17 +148,13 @@ def local_instance(home: Path) -> DagsterInstance:
 
 
 @contextmanager
-def shard_workers(settings: VnpSettings, home: Path) -> Iterator[ProcessPoolExecutor]:
-    """One worker process per usable GPU (one without GPUs), started now and made ready for its steps."""
-    with ProcessPoolExecutor(workers := shard_worker_count(settings), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_prepare_step_worker, initargs=(settings.devices, str(home))) as pool:
-        for _ in range(workers):
+def shard_workers(devices: list[int] | None, worker_count: int, home: Path) -> Iterator[ProcessPoolExecutor]:
+    """`worker_count` processes (one per usable GPU), started now and made ready for their steps."""
+    with ProcessPoolExecutor(worker_count, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_prepare_step_worker, initargs=(devices, str(home), os.getpid())) as pool:
+        for _ in range(worker_count):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
-
-
-def shard_worker_count(settings: VnpSettings) -> int:
-    return max(1, len(settings.usable_devices()))
 
 
 # What this worker's spare device processes import: the engine and, on a GPU host, torch.compile's
@@ -147,10 +162,13 @@ def shard_worker_count(settings: VnpSettings) -> int:
 _spare_imports: list[str] = []
 
 
-def _prepare_step_worker(devices: list[int] | None, home: str) -> None:
+def _prepare_step_worker(devices: list[int] | None, home: str, parent_pid: int) -> None:
     """What every step of the worker would otherwise do first, done while the index is built: start
     the CUDA driver (counting the GPUs does; it creates no context on any GPU), start the spare
-    device process of its first step, import Dagster and the asset code, open the instance."""
+    device process of its first step, import Dagster and the asset code, open the instance.
+    First of all, the worker dies with `vnp run` (`parent_pid`): a killed run leaves no worker behind
+    (a pool's idle worker would otherwise wait for work forever)."""
+    exit_with_parent(parent_pid)
     from vnp_core.gpu import discover_devices
 
     gpus = discover_devices(devices)
@@ -170,26 +188,32 @@ def worker_instance(home: str) -> DagsterInstance:
     return DagsterInstance.from_config(home)
 
 
-def embed_all_shards(workers: ProcessPoolExecutor, home: Path, settings: VnpSettings, sample: str) -> None:
+def embed_all_shards(workers: ProcessPoolExecutor, worker_count: int, home: Path, resource_fields: dict[str, dict],
+                     sample: str) -> None:
     # The workers take the shards in order: a shard more than a worker count from the end has another after it.
-    step_to_come = settings.num_shards - shard_worker_count(settings)
-    outcomes = [workers.submit(materialize_shard, str(home), settings.model_dump(), sample, shard,
+    num_shards = resource_fields["processing"]["num_shards"]
+    step_to_come = num_shards - worker_count
+    outcomes = [workers.submit(materialize_shard, str(home), resource_fields, sample, shard,
                                spare_after=shard < step_to_come)
-                for shard in range(settings.num_shards)]
+                for shard in range(num_shards)]
     if failures := [failure for outcome in outcomes if (failure := outcome.result()) is not None]:
         raise RuntimeError("embedding steps failed (rerun `vnp run`: finished shards are kept):\n" + "\n".join(failures))
 
 
-def materialize_shard(home: str, settings: dict, sample: str, shard: int, models: Sequence[str] = MODELS, *,
-                      spare_after: bool = False) -> str | None:
+def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, shard: int,
+                      models: Sequence[str] = tuple(MODELS), *, spare_after: bool = False) -> str | None:
     """In a worker process: one shard's embedding step, recorded in the instance at `home`. Its error text if it failed.
 
     `spare_after`: start a spare device process once the step is done, for the worker's next step.
     """
-    vnp = VnpSettings(**settings)
-    result = materialize(build_assets(vnp.num_shards), selection=[f"{kind}_embeddings" for kind in models],
-                         partition_key=sample_shard_key(sample, shard), resources={"vnp": vnp},
-                         instance=worker_instance(home), run_config=CONSOLE_AT_INFO, raise_on_error=False)
+    from vnp_assets.definitions import RESOURCES
+
+    resources = {key: RESOURCES[key](**fields) for key, fields in resource_fields.items()}
+    result = materialize(build_assets(resource_fields["processing"]["num_shards"]),
+                         selection=[f"{model}_embeddings" for model in models],
+                         partition_key=sample_shard_key(sample, shard), resources=resources,
+                         instance=worker_instance(home), run_config=CONSOLE_AT_INFO, raise_on_error=False,
+                         tags=process_tags())
     if spare_after:
         start_spare_device_process(_spare_imports)
     if result.success:
@@ -198,5 +222,82 @@ def materialize_shard(home: str, settings: dict, sample: str, shard: int, models
     return f"shard {shard} of {sample}: " + "\n".join(errors)
 
 
-def _optional_str(path: Path | None) -> str | None:
-    return None if path is None else str(Path(path).resolve())
+# Run tags: which process executes a run, so that a later `vnp run` can tell a dead run from a live one.
+HOST_TAG, PID_TAG, PROCESS_START_TAG = "vnp/host", "vnp/pid", "vnp/process_start"
+# The states of a run whose process may have died under it (a finished run holds no slot).
+UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
+              DagsterRunStatus.CANCELING]
+
+
+def process_tags() -> dict[str, str]:
+    """This process, as run tags: host name, pid and start time (a reused pid is not the same process)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            PROCESS_START_TAG: str(_process_start(os.getpid()) or "")}
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat's 22nd field); None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])  # the fields after the command name start at the 3rd
+
+
+def process_alive(pid: int, start: str = "") -> bool:
+    """Whether process `pid` still runs, and is the one that started at `start` (when known)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    state = Path(f"/proc/{pid}/stat")
+    try:
+        if state.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False  # exited, not yet reaped
+    except (OSError, IndexError):
+        pass
+    return not start or str(_process_start(pid) or start) == start
+
+
+def reclaim_dead_runs(instance: DagsterInstance) -> list[str]:
+    """Mark failed the runs of this host whose process is gone (killed: they stay STARTED forever) and
+    free their `gpu` pool slots; their ids. Only runs tagged by `process_tags` (those of `vnp run`)."""
+    host = socket.gethostname()
+    reclaimed = []
+    for run in instance.get_runs(RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
+        pid = run.tags.get(PID_TAG, "")
+        if not pid.isdigit() or process_alive(int(pid), run.tags.get(PROCESS_START_TAG, "")):
+            continue
+        instance.report_run_failed(run, message=f"the process that ran this run (pid {pid} on {host}) is gone, "
+                                               "killed: marked failed by a later vnp run, its gpu slots freed")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reclaimed.append(run.run_id)
+    return reclaimed
+
+
+class SampleBusyError(ValueError):
+    """Another `vnp run` is processing the same sample."""
+
+
+@contextmanager
+def sample_lock(storage, name: str) -> Iterator[None]:
+    """Held while one `vnp run` processes sample `name` (an flock, dropped by the kernel if the run is killed);
+    `SampleBusyError` at once if another run holds it."""
+    locks = storage.samples_dir / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise SampleBusyError(f"sample {name} is being processed by another vnp run (pid {holder}): "
+                                  "wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the flock

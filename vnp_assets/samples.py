@@ -8,63 +8,168 @@ content) is the same sample. A changed file under the same name becomes a new sa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 import tempfile
+import time
 from pathlib import Path
 
-from vnp_assets.resources import VnpSettings
+from vnp_assets.resources import SampleStorage
 from vnp_core.atomic import atomic_path
 
 FASTA_SUFFIXES = (".fa", ".fasta", ".fna")
+# A staged copy this old is a leftover of a killed registration (a copy in progress rewrites its file).
+STAGING_MAX_AGE_S = 3600.0
+
+
+class RejectedDrop(ValueError):
+    """A file that cannot become a sample (not a regular file, unreadable, a name the storage refuses...):
+    the message names it and says why. Storage trouble that is not the file's own (a full disk) is
+    an `OSError` instead: the same file may be taken once the storage works again."""
+# Longer names keep their first characters and a hash of the whole: the sample's files (`<name>-<sha8>`,
+# `<name>_identified_protein.faa`, their temporary names) must fit the file system's 255 bytes.
+MAX_SAMPLE_NAME = 100
 
 
 def sample_name(file_name: str) -> str | None:
-    """`my reads.fa.gz` -> `my_reads`; None for a hidden file or one that is not a FASTA by its name."""
+    """`my reads.fa.gz` -> `my_reads`; None for a hidden file or one that is not a FASTA by its name.
+
+    Only `[A-Za-z0-9._-]` (every other character becomes `_`), never `.` or `..` (a name never starts
+    with a dot), at most `MAX_SAMPLE_NAME` characters (a longer one: its first 91 and `-<sha256[:8]>`
+    of the whole file name, so two long names stay two samples).
+    """
     stem, suffix = os.path.splitext(file_name.removesuffix(".gz"))
     if file_name.startswith(".") or suffix.lower() not in FASTA_SUFFIXES or not stem:
         return None
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", stem)
+    if len(name) > MAX_SAMPLE_NAME:
+        digest = hashlib.sha256(os.fsencode(file_name)).hexdigest()[:8]
+        name = f"{name[:MAX_SAMPLE_NAME - 9]}-{digest}"
+    return name
 
 
-def register_sample(source: Path, name: str, vnp: VnpSettings, registered: set[str]) -> tuple[str, bool]:
+def register_sample(source: Path, name: str, storage: SampleStorage, registered: set[str], *,
+                    follow_symlinks: bool = True) -> tuple[str, bool]:
     """The sample that holds `source`'s content, and whether it is new (`registered`: the samples known so far).
 
-    The file is read once, copied and hashed in the same pass.
+    The file is read once, copied and hashed in the same pass. Only a regular file is read, opened
+    without blocking (a FIFO never hangs the caller); `follow_symlinks=False` refuses a symbolic
+    link (the inbox's policy, see `vnp_assets.sensors`). `RejectedDrop` says why a file cannot be a sample.
     """
-    staging_dir = Path(vnp.storage_root) / "samples" / ".incoming"
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    staged, sha256 = _copy_and_hash(source, staging_dir)
+    storage.staging_dir.mkdir(parents=True, exist_ok=True)
+    staged, sha256 = _copy_and_hash(source, storage.staging_dir, follow_symlinks=follow_symlinks)
     try:
         for sample in (name, f"{name}-{sha256[:8]}"):
-            layout = vnp.sample_layout(sample)
+            layout = storage.layout(sample)
             stored = layout.input_sha256.read_text() if sample in registered and layout.input_sha256.exists() else None
             if stored == sha256:
                 return sample, False
             if stored is None:
                 # Not registered (or left half-registered by a failed attempt): the folder is ours to (re)fill.
-                layout.root.mkdir(parents=True, exist_ok=True)
-                for gzipped in (False, True):
-                    layout.input_copy(gzipped).unlink(missing_ok=True)
-                staged.replace(layout.input_copy(gzipped=source.name.endswith(".gz")))
-                # The checksum is written last: its presence says the copy is complete.
-                with atomic_path(layout.input_sha256) as tmp:
-                    tmp.write_text(sha256)
+                try:
+                    layout.root.mkdir(parents=True, exist_ok=True)
+                    for gzipped in (False, True):
+                        layout.input_copy(gzipped).unlink(missing_ok=True)
+                    staged.replace(layout.input_copy(gzipped=source.name.endswith(".gz")))
+                    # The checksum is written last: its presence says the copy is complete.
+                    with atomic_path(layout.input_sha256) as tmp:
+                        tmp.write_text(sha256)
+                except OSError as error:
+                    if error.errno == errno.ENAMETOOLONG:  # the file's name, not the storage, is at fault
+                        raise RejectedDrop(f"{source}: its sample name {sample!r} is too long for the storage "
+                                           f"under {storage.samples_dir}: rename the file shorter") from error
+                    raise
                 return sample, True
-        raise ValueError(f"{source}: samples {name!r} and {name}-{sha256[:8]!r} both exist with other content")
+        raise RejectedDrop(f"{source}: samples {name!r} and {name}-{sha256[:8]!r} both exist with other content: "
+                           f"rename the file")
     finally:
         staged.unlink(missing_ok=True)  # gone already when it became the sample's copy
 
 
-def _copy_and_hash(source: Path, staging_dir: Path) -> tuple[Path, str]:
+def _copy_and_hash(source: Path, staging_dir: Path, *, follow_symlinks: bool = True) -> tuple[Path, str]:
     digest = hashlib.sha256()
-    with source.open("rb") as src, tempfile.NamedTemporaryFile(dir=staging_dir, delete=False) as dst:
+    with open_regular_file(source, follow_symlinks=follow_symlinks) as src, \
+            tempfile.NamedTemporaryFile(dir=staging_dir, delete=False) as dst:
         try:
-            while block := src.read(1 << 20):
+            while True:
+                try:
+                    block = src.read(1 << 20)
+                except OSError as error:  # EIO, EISDIR...: the file's fault, not the storage's
+                    raise RejectedDrop(f"{source}: could not be read ({error.strerror or error})") from error
+                if not block:
+                    break
                 digest.update(block)
                 dst.write(block)
         except BaseException:
             Path(dst.name).unlink(missing_ok=True)
             raise
     return Path(dst.name), digest.hexdigest()
+
+
+def open_regular_file(path: Path, *, follow_symlinks: bool = True):
+    """`path` opened for binary reading, if it is a regular file; `RejectedDrop` says why not.
+
+    Opened non-blocking, so a FIFO (or a device) never blocks the caller: its type is read from the
+    open descriptor, and anything but a regular file is refused before a byte is read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        raise RejectedDrop(f"{path}: {_open_failure(path, error, follow_symlinks)}") from error
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            raise RejectedDrop(f"{path}: {describe_file_type(kind)}, not a regular file: only regular files are taken")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def describe_file_type(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _open_failure(path: Path, error: OSError, follow_symlinks: bool) -> str:
+    if error.errno == errno.ELOOP and not follow_symlinks:
+        return "a symbolic link: only files dropped into the inbox itself are taken (copy the file in, not a link)"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "cannot be read (permission denied): make it readable by the user that runs vnp"
+    if error.errno == errno.ENOENT:
+        return "no such file (a broken symbolic link, or it was removed)"
+    if error.errno == errno.ENAMETOOLONG:
+        return "its name is too long for the file system"
+    return f"could not be opened ({error.strerror or error})"
+
+
+def clean_staging(storage: SampleStorage, older_than_s: float = STAGING_MAX_AGE_S) -> list[str]:
+    """Remove staged copies older than `older_than_s` (left by a registration that was killed); their names.
+
+    A copy in progress keeps writing its file, so its modification time stays recent.
+    """
+    removed = []
+    cutoff = time.time() - older_than_s
+    try:
+        entries = list(os.scandir(storage.staging_dir))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                if entry.is_dir(follow_symlinks=False):
+                    continue  # never made by registration: left alone
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except FileNotFoundError:
+            pass  # removed meanwhile (a concurrent cleaner)
+    return removed

@@ -5,17 +5,16 @@ The CLI and the Dagster resources build these objects; library functions take th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from vnp_core.models import SequenceTokenizer, Tokenized
+from typing import Literal, get_args
 
 ChunkLength = Literal[300, 500]
 Dtype = Literal["float32", "float16", "bfloat16"]
-AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_padded", "sdpa_reference", "flex"]
+# ESM-2 was trained on crops of 1022 residues between <cls> and <eos>: longer proteins keep their N-terminal part.
+ESM2_MAX_RESIDUES = 1022
+AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "sdpa_padded", "sdpa_bucketed", "sdpa_reference", "flex"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,7 @@ class EmbedConfig:
     # A shard's layers are compiled from this many tokens on (None: the model's own measured break-even,
     # `LoadedModel.compile_min_tokens`); 0 compiles every shard, e.g. to fill the compile cache.
     compile_min_tokens: int | None = None
-    # ESM-2 was trained on crops of 1022 residues: longer proteins keep their N-terminal part.
-    max_protein_length: int = 1022
+    max_protein_length: int = ESM2_MAX_RESIDUES
     # CPU worker processes that tokenise before the device loop (0: in the main process). Both
     # tokenizers are vectorised/Rust and fast; a worker costs a process start with a torch import,
     # which only pays off for inputs of millions of sequences.
@@ -60,33 +58,28 @@ class EmbedConfig:
     checkpoint_rows: int = 4096
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float16", "bfloat16"):
+        if self.dtype not in get_args(Dtype):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """One model over one shard, as a device process is asked to run it (`vnp_core.engine.embed_shards`)."""
-
-    kind: Literal["esm2", "dnabert_s"]
-    model_path: Path
-    rows: Callable[[], tuple[list[str], list[str]]]  # picklable; (ids, sequences), read where the job runs
-    out: Path
-    config: EmbedConfig
-    attrs: dict = field(default_factory=dict)  # written into the shard beside the model's own
-    # Picklable; the rows' token ids made earlier (the index's), or None when this tokenizer did not make them.
-    tokens: Callable[[SequenceTokenizer], Tokenized | None] | None = None
+        if self.max_protein_length < 1:
+            raise ValueError(f"max_protein_length must be at least 1 residue, got {self.max_protein_length}")
+        if self.attention_backend not in get_args(AttentionBackend):
+            raise ValueError(f"attention back end must be one of {', '.join(get_args(AttentionBackend))}, "
+                             f"got {self.attention_backend!r}")
+        if self.num_workers < 0 or self.checkpoint_rows < 1:
+            raise ValueError(f"num_workers must be 0 or more and checkpoint_rows 1 or more, "
+                             f"got {self.num_workers} and {self.checkpoint_rows}")
+        if self.compile_min_tokens is not None and self.compile_min_tokens < 0:
+            raise ValueError(f"compile_min_tokens must be 0 or more, got {self.compile_min_tokens}")
 
 
 @dataclass(frozen=True)
 class ModelPaths:
-    """Where the model weights are. None means the tiny placeholder models (no biological meaning)."""
+    """Where the weights are: each embedding model's by its registry name (`vnp_core.models.MODELS`)."""
 
-    esm2: Path | None = None
-    dnabert_s: Path | None = None
-    classifier: Path | None = None
+    embedders: Mapping[str, Path]
+    classifier: Path
     # Pickled whole-module classifiers execute code on load: only with the user's explicit consent.
     trust_classifier_pickle: bool = False
 
@@ -99,15 +92,3 @@ class ValidationConfig:
     min_cosine_all: float = 0.995
     min_cosine_p99: float = 0.999  # at least 99% of sequences at or above this
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class VnpConfig:
-    """Everything a sample's run needs, passed down as one object."""
-
-    storage_root: Path = Path("vnp_home/storage")
-    prep: PrepConfig = field(default_factory=PrepConfig)
-    esm2: EmbedConfig = field(default_factory=EmbedConfig)
-    dnabert_s: EmbedConfig = field(default_factory=EmbedConfig)
-    models: ModelPaths = field(default_factory=ModelPaths)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)

@@ -26,7 +26,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from vnp_core import __version__
-from vnp_core.config import EmbedConfig, ShardJob
-from vnp_core.fasta import NUCLEOTIDE_LETTERS, FastaError, read_fasta
-from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized
+from vnp_core.config import EmbedConfig
+from vnp_core.fasta import FastaError, read_fasta
+from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized, model_spec
 from vnp_core.packing import PackedBatch, plan_packs, split_batch
 from vnp_core.store import ShardCheckpoint, describe_ids, read_attrs
 
@@ -123,29 +123,18 @@ class EmbedStats:
         return text
 
 
-def load_model(kind: str, path: Path, config: EmbedConfig) -> LoadedModel:
-    if kind == "esm2":
-        from vnp_core.models.esm2 import load_esm2
+@dataclass(frozen=True)
+class ShardJob:
+    """One model over one shard, as a device process is asked to run it (`embed_shards`)."""
 
-        return load_esm2(Path(path), config)
-    if kind == "dnabert_s":
-        from vnp_core.models.dnabert_s import load_dnabert_s
-
-        return load_dnabert_s(Path(path), config)
-    raise ValueError(f"unknown model kind {kind!r}: expected 'esm2' or 'dnabert_s'")
-
-
-def load_tokenizer(kind: str, path: Path, config: EmbedConfig) -> SequenceTokenizer:
-    """The tokenizer `load_model` gives the model, without reading the weights."""
-    if kind == "esm2":
-        from vnp_core.models.esm2 import ESM2Tokenizer
-
-        return ESM2Tokenizer(config.max_protein_length)
-    if kind == "dnabert_s":
-        from vnp_core.models.dnabert_s import DnabertSTokenizer
-
-        return DnabertSTokenizer(Path(path) / "tokenizer.json")
-    raise ValueError(f"unknown model kind {kind!r}: expected 'esm2' or 'dnabert_s'")
+    model: str  # a `vnp_core.models.MODELS` name
+    model_path: Path
+    rows: Callable[[], tuple[list[str], list[str]]]  # picklable; (ids, sequences), read where the job runs
+    out: Path
+    config: EmbedConfig
+    attrs: dict = field(default_factory=dict)  # written into the shard beside the model's own
+    # Picklable; the rows' token ids made earlier (the index's), or None when this tokenizer did not make them.
+    tokens: Callable[[SequenceTokenizer], Tokenized | None] | None = None
 
 
 @dataclass
@@ -158,7 +147,7 @@ class _PreparedJob:
 
 def embed_shards(jobs: Sequence[ShardJob],
                  progress: Callable[[str, Progress], None] | None = None) -> list[EmbedStats | Exception]:
-    """Each job in turn on this process's device; `progress(kind, report)` as they go.
+    """Each job in turn on this process's device; `progress(model name, report)` as they go.
 
     One thread loads the jobs' rows, models and tokens in job order, so each job after the first is
     loaded while the one before it computes. In job order rather than all at once: on an H200 host,
@@ -172,19 +161,19 @@ def embed_shards(jobs: Sequence[ShardJob],
     with ThreadPoolExecutor(1, thread_name_prefix="vnp-load") as loader:
         loading = deque(loader.submit(load_job, job) for job in jobs)
         if any(job.config.compile_layers and torch.device(job.config.device).type == "cuda" for job in jobs):
-            _import_compiler()  # while the first job loads
+            _import_compiler()  # while the first job loads: it may compile
         for job in jobs:
             waiting = time.perf_counter()
             try:
                 ready = loading.popleft().result()
                 waited = time.perf_counter() - waiting
-                report = None if progress is None else partial(progress, job.kind)
+                report = None if progress is None else partial(progress, job.model)
                 stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
                                         attrs=job.attrs, progress=report)
                 outcomes.append(replace(stats, load_seconds=ready.load_seconds, waited_seconds=waited))
-                log.info("%s: %s written after %.1f s on the device", job.kind, job.out.name, stats.seconds)
+                log.info("%s: %s written after %.1f s on the device", job.model, job.out.name, stats.seconds)
             except Exception as error:  # noqa: BLE001 - one failed job must not lose the others
-                error.add_note(f"while embedding {job.out} with {job.kind}, in the device process:\n{traceback.format_exc()}")
+                error.add_note(f"while embedding {job.out} with {job.model}, in the device process:\n{traceback.format_exc()}")
                 outcomes.append(error)
             ready = None  # frees this job's model and tokens before the next job runs
     return outcomes
@@ -193,7 +182,7 @@ def embed_shards(jobs: Sequence[ShardJob],
 # What `embed_shards` of index shards imports as it runs, and torch.compile's machinery, which it
 # imports before a job that may compile computes (`_import_compiler`): a spare device process
 # (`vnp_core.gpu.start_spare_device_process`) can import them ahead.
-EMBED_SHARDS_MODULES = ("vnp_core.engine", "vnp_core.index", "vnp_core.models.esm2", "vnp_core.models.dnabert_s")
+EMBED_SHARDS_MODULES = ("vnp_core.engine", "vnp_core.index", "vnp_core.models")
 COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
 
 
@@ -213,55 +202,56 @@ def load_job(job: ShardJob) -> _PreparedJob:
 
     The weights load on a thread while the rows are read and tokenised: the first job's load is
     time the device waits, and both halves take seconds (DNABERT-S's BPE over a shard, the 3B
-    ESM-2's 6 GB). The layers are compiled only for a job big enough to repay the compilation
-    (`compile_min_tokens` of the model): on a small shard, compiling would cost more than it saves.
+    ESM-2's 6 GB).
     """
     start = time.perf_counter()
-    config = replace(job.config, compile_layers=False)
+    spec = model_spec(job.model)
     with ThreadPoolExecutor(1, thread_name_prefix="vnp-weights") as weights:
-        loading = weights.submit(load_model, job.kind, job.model_path, config)
+        loading = weights.submit(spec.load, Path(job.model_path), job.config)
         ids, sequences = job.rows()
         _check_ids(ids, sequences, job.out)
-        tokenizer = load_tokenizer(job.kind, job.model_path, config)
+        tokenizer = spec.tokenizer(job.model_path, job.config)
         tokenized = job.tokens(tokenizer) if job.tokens is not None else None
         stored = tokenized is not None
         if stored and len(tokenized) != len(ids):
             raise ValueError(f"{job.out}: {len(tokenized)} stored token sequences for {len(ids)} rows")
         if not stored:
-            tokenized = tokenize(tokenizer, ids, sequences, config.num_workers)
+            tokenized = tokenize(tokenizer, ids, sequences, job.config.num_workers)
         tokens_seconds = time.perf_counter() - start
-        model = loading.result()
-    compile_min_tokens = model.compile_min_tokens if job.config.compile_min_tokens is None else job.config.compile_min_tokens
-    if job.config.compile_layers and model.device.type == "cuda" and len(tokenized.tokens) >= compile_min_tokens:
-        model.module.compile_layers()  # wraps the layers here; tracing waits for the first pack
-        model = replace(model, compiled=True)
+        model = compile_if_worth_it(loading.result(), job.config, len(tokenized.tokens))
     load_seconds = time.perf_counter() - start
-    log.info("%s: %s rows and their tokens (%s) in %.1f s, model and rows ready in %.1f s", job.kind, f"{len(ids):,}",
+    log.info("%s: %s rows and their tokens (%s) in %.1f s, model and rows ready in %.1f s", job.model, f"{len(ids):,}",
              "stored ones" if stored else "tokenised here", tokens_seconds, load_seconds)
     return _PreparedJob(model, ids, tokenized, load_seconds)
 
 
-def embed_fasta_to_hdf5(kind: str, input: Path, model_path: Path, out: Path, config: EmbedConfig, *,
+def compile_if_worth_it(model: LoadedModel, config: EmbedConfig, num_tokens: int) -> LoadedModel:
+    """The model with its layers wrapped by torch.compile when that repays its cost on `num_tokens`
+    tokens (`config.compile_min_tokens`, else the model's own break-even); tracing waits for the first pack."""
+    threshold = model_spec(model.kind).compile_min_tokens if config.compile_min_tokens is None else config.compile_min_tokens
+    if not config.compile_layers or model.device.type != "cuda" or model.compiled or num_tokens < threshold:
+        return model
+    model.module.compile_layers()
+    return replace(model, compiled=True)
+
+
+def embed_fasta_to_hdf5(model_name: str, input: Path, model_path: Path, out: Path, config: EmbedConfig, *,
                         show_progress: bool = False) -> EmbedStats:
     """`vnp embed`: every record of a FASTA file embedded by one model into an HDF5 shard."""
-    records = read_fasta(input, alphabet=_fasta_alphabet(kind)).records
-    model = load_model(kind, model_path, config)
+    spec = model_spec(model_name)
+    records = read_fasta(input, alphabet=spec.alphabet).records
+    model = spec.load(Path(model_path), config)
     ids, sequences = [r.id for r in records], [r.sequence for r in records]
     try:
+        _check_ids(ids, sequences, Path(out))
+        tokenized = tokenize(model.tokenizer, ids, sequences, config.num_workers)
+        model = compile_if_worth_it(model, config, len(tokenized.tokens))
         if not show_progress:
-            return embed_sequences(model, ids, sequences, out, config)
+            return embed_tokenized(model, ids, tokenized, out, config)
         with _progress_bar(len(ids)) as report:
-            return embed_sequences(model, ids, sequences, out, config, progress=report)
+            return embed_tokenized(model, ids, tokenized, out, config, progress=report)
     except TokenizationError as error:
         raise FastaError(input, str(error)) from error
-
-
-def _fasta_alphabet(kind: str) -> str:
-    if kind == "esm2":
-        from vnp_core.models.esm2 import RESIDUES
-
-        return RESIDUES
-    return NUCLEOTIDE_LETTERS
 
 
 @contextmanager

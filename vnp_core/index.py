@@ -19,10 +19,8 @@ import numpy as np
 import polars as pl
 
 from vnp_core.atomic import atomic_path
+from vnp_core.config import ESM2_MAX_RESIDUES
 from vnp_core.models import SequenceTokenizer, Tokenized
-
-# ESM-2 embeds at most 1022 residues (its training crop) between <cls> and <eos>.
-ESM2_MAX_RESIDUES = 1022
 # DNABERT-S's BPE averages 4-5 bp per token (../shared/spec/dnabert-s.md): the estimate used
 # when no tokenizer is given. Only shard balance relies on it; the embedding step tokenises exactly.
 DNABERT_S_BP_PER_TOKEN_ESTIMATE = 4.5
@@ -36,8 +34,18 @@ COLUMNS = [
 # has 4096 tokens), which join and convert in one call for a whole shard.
 TOKEN_IDS = "dnabert_s_token_ids"
 TOKEN_ID_DTYPE = np.dtype("<u2")
-# Parquet metadata key: the digest of the tokenizer that made the ids (`SequenceTokenizer.digest`).
+# Parquet metadata keys: the digest of the tokenizer that made the ids (`SequenceTokenizer.digest`),
+# and the chunk length the frames were cut with (every later stage reads it from here).
 TOKENIZER_KEY = "vnp.dnabert_s_tokenizer"
+CHUNK_LENGTH_KEY = "vnp.chunk_length"
+
+
+@dataclass(frozen=True)
+class IndexProvenance:
+    """What a sample's index was built with: later stages follow it rather than today's settings."""
+
+    chunk_length: int
+    dnabert_s_tokenizer: str | None  # the digest of the tokenizer whose ids it keeps
 
 
 def build_index(frames: pl.DataFrame, *, num_shards: int,
@@ -93,15 +101,25 @@ def index_summary(index: pl.DataFrame) -> dict:
     }
 
 
-def write_index(index: pl.DataFrame, path: Path, *, dnabert_tokenizer: SequenceTokenizer | None = None) -> None:
+def write_index(index: pl.DataFrame, path: Path, *, chunk_length: int,
+                dnabert_tokenizer: SequenceTokenizer | None = None) -> None:
     """Parquet, written under a temporary name and renamed: a reader never sees half an index.
 
     `dnabert_tokenizer` is the one `build_index` was given: its digest is kept beside the token ids.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {TOKENIZER_KEY: dnabert_tokenizer.digest} if dnabert_tokenizer is not None and TOKEN_IDS in index.columns else None
+    metadata = {CHUNK_LENGTH_KEY: str(chunk_length)}
+    if dnabert_tokenizer is not None and TOKEN_IDS in index.columns:
+        metadata[TOKENIZER_KEY] = dnabert_tokenizer.digest
     with atomic_path(path) as temporary:
         index.write_parquet(temporary, metadata=metadata)
+
+
+def read_index_provenance(path: Path) -> IndexProvenance:
+    metadata = pl.read_parquet_metadata(path)
+    if CHUNK_LENGTH_KEY not in metadata:
+        raise ValueError(f"{path}: an index without its chunk length (made by an older vnp): rematerialize sequence_index")
+    return IndexProvenance(int(metadata[CHUNK_LENGTH_KEY]), metadata.get(TOKENIZER_KEY))
 
 
 def read_index(path: Path) -> pl.DataFrame:

@@ -1,7 +1,7 @@
 """Embedding files (HDF5): shards, the checkpoint a shard is built in, per-sample merge, `.pt` export.
 
 Layout (../shared/spec/outputs.md): a shard holds `ids` (UTF-8 strings) and `embeddings` (float32,
-N x D) in input order; a merged sample holds `ids`, `dnabert_s` and `esm2` in index order. Every file
+N x D) in input order; a merged sample holds `ids` and one dataset per model (`dnabert_s`, `esm2`) in index order. Every file
 is written under a temporary name beside its final path and renamed, so a reader only ever sees a
 complete file.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +24,10 @@ from vnp_core.atomic import atomic_path, publish, write_error
 log = logging.getLogger(__name__)
 
 ID_DTYPE = h5py.string_dtype("utf-8")
+# A merged file's attribute listing its models' datasets, in classifier feature order.
+MODELS_ATTR = "models"
 # Attributes that describe one shard's run rather than the model run as a whole.
 PER_SHARD_ATTRS = ("fingerprint", "device", "max_tokens", "truncated")
-MERGED_MODELS = ("dnabert_s", "esm2")  # classifier feature order: DNABERT-S first
 
 
 class MergeError(ValueError):
@@ -133,7 +134,10 @@ class ShardCheckpoint:
             if resumed is not None:
                 return resumed
             path.unlink()
-        file = h5py.File(path, "w")
+        try:
+            file = h5py.File(path, "w")
+        except OSError as error:
+            raise write_error(path, error) from error
         file.attrs.update({"fingerprint": fingerprint, "rows_done": 0})
         file.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=ID_DTYPE, chunks=(1 << 14,))
         # About 1 MiB per chunk: whole chunks are written at each checkpoint and read back whole.
@@ -187,11 +191,14 @@ class ShardCheckpoint:
     def flush_durable(self) -> None:
         """Make every appended row part of the checkpoint a resumed run starts from."""
         # Rows first, marker second: a kill between the two leaves the old, still true, marker.
-        self._file.flush()
-        os.fsync(self._file.id.get_vfd_handle())
-        self._file.attrs["rows_done"] = self._file["embeddings"].shape[0]
-        self._file.flush()
-        os.fsync(self._file.id.get_vfd_handle())
+        try:
+            self._file.flush()
+            os.fsync(self._file.id.get_vfd_handle())
+            self._file.attrs["rows_done"] = self._file["embeddings"].shape[0]
+            self._file.flush()
+            os.fsync(self._file.id.get_vfd_handle())
+        except OSError as error:  # a full disk: say which file
+            raise write_error(self.path, error) from error
 
     def finalize(self, out_path: Path, expected_ids: Sequence[str], attrs: dict) -> None:
         """Check the rows are exactly `expected_ids` in order, then rename the checkpoint to `out_path`."""
@@ -242,40 +249,37 @@ def _id_mismatch(expected: Sequence[str], found: Sequence[str]) -> str:
 class MergeStats:
     path: Path
     sequences: int
-    dnabert_s_dim: int
-    esm2_dim: int
+    dims: dict[str, int]  # model -> vector width
     shards: dict[str, int]  # model -> number of shards merged
 
 
 @dataclass
 class MergedEmbeddings:
     ids: list[str]
-    dnabert_s: np.ndarray  # (N, D1) float32
-    esm2: np.ndarray  # (N, D2) float32
+    vectors: dict[str, np.ndarray]  # model -> (N, D) float32, in the order the file lists them
     attrs: dict
 
     def features(self) -> np.ndarray:
-        """(N, D1 + D2) classifier input: DNABERT-S first, as VirNucPro concatenates them."""
-        return np.concatenate((self.dnabert_s, self.esm2), axis=1)
+        """(N, sum of D) classifier input: the models' vectors side by side, in the registry's order."""
+        return np.concatenate(list(self.vectors.values()), axis=1)
 
 
-def merge_sample(index_ids: Sequence[str], esm2_shards: Sequence[Path], dnabert_s_shards: Sequence[Path],
-                 out: Path, attrs: dict) -> MergeStats:
-    """One file per sample with both models' vectors in index order; every id exactly once in each."""
+def merge_sample(index_ids: Sequence[str], shards: Mapping[str, Sequence[Path]], out: Path, attrs: dict) -> MergeStats:
+    """One file per sample with every model's vectors (`shards`: model -> its shard files, in classifier
+    feature order) in index order; every id exactly once in each."""
     index = pl.DataFrame({"id": list(index_ids)}, schema={"id": pl.String}).with_row_index("position")
     if duplicated := index.filter(pl.col("id").is_duplicated())["id"].unique(maintain_order=True).to_list():
         raise MergeError(f"{out}: the index lists {len(duplicated)} id(s) more than once: {describe_ids(duplicated)}")
-    shards = {"dnabert_s": list(dnabert_s_shards), "esm2": list(esm2_shards)}
     dims = {}
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as merged:
         merged.create_dataset("ids", data=np.asarray(index_ids, dtype=object), dtype=ID_DTYPE)
-        for model in MERGED_MODELS:
-            matrix, model_attrs = _gather(model, index, shards[model], out)
+        for model, paths in shards.items():
+            matrix, model_attrs = _gather(model, index, list(paths), out)
             merged.create_dataset(model, data=matrix)
             merged.attrs.update({f"{model}.{key}": value for key, value in model_attrs.items()})
             dims[model] = matrix.shape[1]
-        merged.attrs.update(attrs)
-    return MergeStats(Path(out), len(index), dims["dnabert_s"], dims["esm2"], {m: len(s) for m, s in shards.items()})
+        merged.attrs.update({**attrs, MODELS_ATTR: list(shards)})
+    return MergeStats(Path(out), len(index), dims, {model: len(paths) for model, paths in shards.items()})
 
 
 def _gather(model: str, index: pl.DataFrame, shard_paths: Sequence[Path], out: Path) -> tuple[np.ndarray, dict]:
@@ -320,9 +324,26 @@ def _model_attrs(model: str, shard_attrs: Sequence[tuple[Path, dict]]) -> dict:
 
 
 def read_merged(path: Path) -> MergedEmbeddings:
-    with h5py.File(path, "r") as f:
-        _require(f, path, ("ids", *MERGED_MODELS))
-        return MergedEmbeddings(f["ids"].asstr()[:].tolist(), f["dnabert_s"][:], f["esm2"][:], _attrs(f))
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:  # h5py's message names no file
+        raise ValueError(f"{path}: not a readable HDF5 file ({str(error).splitlines()[0]}): "
+                         "give a sample's merged embeddings (embeddings/merged.h5)") from error
+    with f:
+        listed = f.attrs.get(MODELS_ATTR, [])
+        models = [listed] if isinstance(listed, str) else [str(model) for model in listed]
+        _require(f, path, ("ids", *models))
+        if not models:
+            raise ValueError(f"{path}: not a vnp merged embeddings file (no {MODELS_ATTR!r} attribute)")
+        ids = f["ids"]
+        for model in ("ids", *models):
+            ok = isinstance(f[model], h5py.Dataset) and (
+                f[model].dtype.kind in "OSU" and f[model].ndim == 1 if model == "ids"
+                else f[model].dtype.kind == "f" and f[model].ndim == 2 and len(f[model]) == len(ids))
+            if not ok:
+                raise ValueError(f"{path}: not a vnp merged embeddings file ({model!r} is not "
+                                 f"{'a list of ids' if model == 'ids' else 'one float vector per id'})")
+        return MergedEmbeddings(ids.asstr()[:].tolist(), {model: f[model][:] for model in models}, _attrs(f))
 
 
 def export_merged_to_pt(merged: Path, out: Path) -> None:

@@ -9,7 +9,7 @@ sequences and >= `min_cosine_all` for every one; any NaN/Inf fails.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from vnp_core.atomic import atomic_path
-from vnp_core.config import ModelPaths, ValidationConfig
+from vnp_core.config import EmbedConfig, ModelPaths, ValidationConfig
 
 REPORT_FILE = "validation_report.json"
 PER_SEQUENCE_FILE = "validation_per_sequence.parquet"
@@ -50,19 +50,16 @@ def select_validation_subset(lengths: np.ndarray, size: int, seed: int) -> np.nd
 
 
 # What `reference_embeddings` imports: a spare device process can import them ahead.
-REFERENCE_MODULES = ("vnp_core.validate", "vnp_core.models.esm2", "vnp_core.models.dnabert_s", "esm")
+REFERENCE_MODULES = ("vnp_core.validate", "vnp_core.models", "esm")
 
 
-def reference_embeddings(models: ModelPaths, proteins: list[str], nucleotides: list[str], torch_device: str,
-                         max_residues: int) -> dict[str, np.ndarray]:
-    """Each model's unpacked fp32 reference path (fair-esm's ESM-2; DNABERT-S padded), for the subset;
-    run in a device process."""
-    from vnp_core.models import dnabert_s, esm2
+def reference_embeddings(models: ModelPaths, sequences: Mapping[str, list[str]], config: EmbedConfig,
+                         torch_device: str) -> dict[str, np.ndarray]:
+    """Each model's unpacked fp32 reference (`ModelSpec.reference`) of its `sequences[name]`; run in a device process."""
+    from vnp_core.models import MODELS
 
-    return {
-        "esm2": esm2.reference_embed(models.esm2, proteins, max_residues=max_residues, device=torch_device),
-        "dnabert_s": dnabert_s.reference_embed(models.dnabert_s, nucleotides, device=torch_device),
-    }
+    return {name: spec.reference(models.embedders[name], sequences[name], config, torch_device)
+            for name, spec in MODELS.items()}
 
 
 def compare_embeddings(ids: Sequence[str], production: np.ndarray, reference: np.ndarray) -> pl.DataFrame:
@@ -146,7 +143,7 @@ def build_report(per_model: dict[str, pl.DataFrame], config: ValidationConfig, c
 
 def report_markdown(report: dict) -> str:
     """A short Markdown summary for the Dagster UI."""
-    lines = [f"**{'PASSED' if report['passed'] else 'FAILED'}**: reduced precision vs fp32 reference", ""]
+    lines = [f"**{'PASSED' if report['passed'] else 'FAILED'}**: {_what_was_compared(report['context'])}", ""]
     lines += [f"- {key}: {value}" for key, value in report["context"].items()]
     lines += ["", "| model | n | min | p1 | median | mean | max abs diff | NaN/Inf | >= p99 threshold | result |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -162,6 +159,14 @@ def report_markdown(report: dict) -> str:
     lines += [f"- worst {name}: {', '.join(model['worst_ids'])}"
               for name, model in report["models"].items() if model["worst_ids"]]
     return "\n".join(lines) + "\n"
+
+
+def _what_was_compared(context: dict) -> str:
+    """Honest on the CPU, where production already runs in fp32: then only the packing is under test."""
+    dtypes = sorted({value for key, value in context.items() if key.endswith(".dtype")})
+    if dtypes == ["float32"]:
+        return "packed fp32 production vs the unpacked fp32 reference (no reduced precision to validate)"
+    return f"packed {'/'.join(dtypes) or 'production'} embeddings vs the unpacked fp32 reference"
 
 
 def _fmt(value: float | None, spec: str = ".6f") -> str:

@@ -1,7 +1,7 @@
 """`dnabert_s_embeddings` and `esm2_embeddings`: one shard of a sample, on one leased GPU.
 
-Both assets come from one step per shard (a multi-asset): the step leases a GPU among every run on
-the host (a flock under `gpu_lock_dir`), then runs both models in one process bound to that
+Both assets (one per `vnp_core.models.MODELS` entry) come from one step per shard (a multi-asset):
+the step leases a GPU among every run on the host (`GpuPool`), then runs every model in one process bound to that
 physical GPU (a spare started ahead, where the step's process has one), so a GPU pays one process
 start and one lease per shard, and the second model loads and compiles while the first one
 computes. Either asset can still be materialized alone (a rerun of a failed shard). On a host
@@ -24,37 +24,31 @@ from dagster import (
 )
 
 from vnp_assets.assets.sequence_index import sequence_index
-from vnp_assets.checks import EAGER_AFTER_CHECKS, shard_check_results, shard_check_specs
+from vnp_assets.checks import FLOW_ON_AFTER_CHECKS, shard_check_results, shard_check_specs
 from vnp_assets.metadata import warn_if_tiny
 from vnp_assets.partitions import by_sample
-from vnp_assets.progress import run_logging_progress
-from vnp_assets.resources import VnpSettings
-# What the device process runs; it lives in vnp_core so that process imports no Dagster.
-from vnp_core.config import ShardJob
-from vnp_core.engine import embed_shards
+from vnp_assets.resources import GpuPool, ModelSet, SampleProcessing, SampleStorage
+# What the device process runs lives in vnp_core, so that process imports no Dagster.
+from vnp_core.engine import ShardJob, embed_shards
 from vnp_core.index import ShardRows
-
-# The order the device process runs them in: DNABERT-S is small and quick to load, so the device
-# starts early, and the 3B ESM-2 loads, tokenises and compiles while DNABERT-S computes.
-MODELS = ("dnabert_s", "esm2")
-# Which index column each model embeds.
-MODEL_INPUT = {"esm2": "protein", "dnabert_s": "nucleotide"}
+from vnp_core.models import MODELS
 
 
-def embedding_key(kind: str) -> AssetKey:
-    return AssetKey(f"{kind}_embeddings")
+def embedding_key(model: str) -> AssetKey:
+    return AssetKey(f"{model}_embeddings")
 
 
 def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsDefinition:
     specs = [
         AssetSpec(
-            embedding_key(kind),
+            embedding_key(model),
             deps=[AssetDep(sequence_index, partition_mapping=by_sample)],
-            automation_condition=EAGER_AFTER_CHECKS,
+            automation_condition=FLOW_ON_AFTER_CHECKS,
+            group_name="embeddings",
             kinds={"pytorch", "hdf5"},
-            description=f"{kind} embeddings of one shard of a sample's kept frames (HDF5), made on one leased GPU.",
+            description=f"{model} embeddings of one shard of a sample's kept frames (HDF5), made on one leased GPU.",
         )
-        for kind in MODELS
+        for model in MODELS
     ]
 
     @multi_asset(
@@ -63,41 +57,39 @@ def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsD
         partitions_def=partitions_def,
         can_subset=True,
         pool="gpu",
-        check_specs=[spec for kind in MODELS for spec in shard_check_specs(embedding_key(kind))],
+        check_specs=[spec for model in MODELS for spec in shard_check_specs(embedding_key(model))],
     )
-    def shard_embeddings(context: AssetExecutionContext, vnp: VnpSettings) -> Iterator[MaterializeResult]:
+    def shard_embeddings(context: AssetExecutionContext, storage: SampleStorage, processing: SampleProcessing,
+                         models: ModelSet, gpus: GpuPool) -> Iterator[MaterializeResult]:
         keys = context.partition_key.keys_by_dimension
         sample, shard = keys["sample"], int(keys["shard"])
-        kinds = [kind for kind in MODELS if embedding_key(kind) in context.selected_asset_keys]
-        layout = vnp.sample_layout(sample)
-        rows = {kind: ShardRows(layout.index, shard, MODEL_INPUT[kind]) for kind in kinds}
-        expected_rows = rows[kinds[0]].count()
-        with vnp.gpu_lease() as device:
-            where = "cpu" if device is None else f"GPU {device}"
-            context.log.info(f"shard {shard} of {sample}: {expected_rows:,} sequences, {' then '.join(kinds)} on {where}")
-            config = vnp.vnp_config("cpu" if device is None else "cuda")
-            jobs = []
-            for kind in kinds:
-                layout.embeddings(kind, shard).parent.mkdir(parents=True, exist_ok=True)
-                jobs.append(ShardJob(kind, getattr(config.models, kind), rows[kind], layout.embeddings(kind, shard),
-                                     getattr(config, kind), {"sample": sample, "chunk_length": vnp.chunk_length},
-                                     tokens=rows[kind].tokens))
-            outcomes = run_logging_progress(context.log, embed_shards, jobs, device=device,
-                                            cpu_threads=None if device is None else vnp.cpu_threads_per_gpu())
+        selected = [model for model in MODELS if embedding_key(model) in context.selected_asset_keys]
+        layout = storage.layout(sample)
+        rows = {model: ShardRows(layout.index, shard, MODELS[model].index_column) for model in selected}
+        expected_rows = rows[selected[0]].count()
+        context.log.info(f"shard {shard} of {sample}: {expected_rows:,} sequences, {' then '.join(selected)}")
+        paths = models.paths(processing.chunk_length)
+        config = models.embed_config(gpus.torch_device)
+        jobs = []
+        for model in selected:
+            layout.embeddings(model, shard).parent.mkdir(parents=True, exist_ok=True)
+            jobs.append(ShardJob(model, paths.embedders[model], rows[model], layout.embeddings(model, shard), config,
+                                 {"sample": sample, "chunk_length": processing.chunk_length}, tokens=rows[model].tokens))
+        outcomes, where = gpus.run_on_gpu(embed_shards, jobs, log=context.log, with_progress=True)
 
         failed = []
-        for kind, outcome in zip(kinds, outcomes, strict=True):
+        for model, outcome in zip(selected, outcomes, strict=True):
             if isinstance(outcome, Exception):
-                context.log.error(f"{kind} shard {shard} of {sample} failed: {outcome}")
+                context.log.error(f"{model} shard {shard} of {sample} failed: {outcome}")
                 failed.append(outcome)
                 continue
-            context.log.info(f"{kind}: {outcome.summary()}")
-            key = embedding_key(kind)
+            context.log.info(f"{model}: {outcome.summary()}")
+            key = embedding_key(model)
             yield MaterializeResult(
                 asset_key=key,
-                metadata={**warn_if_tiny(context, vnp, {kind}), **_stats_metadata(outcome, where),
-                          "path": MetadataValue.path(layout.embeddings(kind, shard))},
-                check_results=[check for check in shard_check_results(key, layout.embeddings(kind, shard), expected_rows)
+                metadata={**warn_if_tiny(context, models, {model}), **_stats_metadata(outcome, where),
+                          "path": MetadataValue.path(layout.embeddings(model, shard))},
+                check_results=[check for check in shard_check_results(key, layout.embeddings(model, shard), expected_rows)
                                if AssetCheckKey(key, check.check_name) in context.selected_asset_check_keys],
             )
         if failed:  # the other model's shard is recorded above; this one reruns alone

@@ -13,11 +13,10 @@ from dagster import (
 )
 
 from vnp_assets.assets.merged_embeddings import merged_embeddings
-from vnp_assets.checks import EAGER_AFTER_CHECKS
+from vnp_assets.checks import FLOW_ON_AFTER_CHECKS
 from vnp_assets.partitions import samples_partitions
-from vnp_assets.resources import VnpSettings
-
-MODELS = ("esm2", "dnabert_s")
+from vnp_assets.resources import GpuPool, ModelSet, SampleProcessing, SampleStorage
+from vnp_core.models import MODELS
 
 
 @asset(
@@ -26,13 +25,14 @@ MODELS = ("esm2", "dnabert_s")
     pool="gpu",  # the fp32 reference of a real ESM-2 needs a GPU as much as production does
     check_specs=[AssetCheckSpec("cosine_thresholds", asset="fp16_validation_report", blocking=True,
                                 description="Every model's embeddings agree with its fp32 reference within the thresholds.")],
-    automation_condition=EAGER_AFTER_CHECKS,
+    automation_condition=FLOW_ON_AFTER_CHECKS,
+    group_name="validation",
     kinds={"json", "parquet"},
 )
-def fp16_validation_report(context: AssetExecutionContext, vnp: VnpSettings) -> MaterializeResult:
+def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorage, processing: SampleProcessing,
+                           models: ModelSet, gpus: GpuPool) -> MaterializeResult:
     """A length-stratified subset recomputed in fp32, unpacked; cosine similarity per sequence, histogram, pass/fail."""
-    from vnp_core.gpu import run_in_device_process
-    from vnp_core.index import read_index
+    from vnp_core.index import read_index, read_index_provenance
     from vnp_core.store import read_merged
     from vnp_core.validate import (
         build_report,
@@ -44,26 +44,24 @@ def fp16_validation_report(context: AssetExecutionContext, vnp: VnpSettings) -> 
     )
 
     sample = context.partition_key
-    layout = vnp.sample_layout(sample)
+    layout = storage.layout(sample)
     merged = read_merged(layout.merged)
     index = read_index(layout.index)
-    config = vnp.vnp_config()
-    subset = index[select_validation_subset(index["protein_length"].to_numpy(), config.validation.sample_size,
-                                            config.validation.seed)]
+    validation = processing.validation_config()
+    subset = index[select_validation_subset(index["protein_length"].to_numpy(), validation.sample_size, validation.seed)]
     row_of = {frame_id: row for row, frame_id in enumerate(merged.ids)}
     rows = np.array([row_of[frame_id] for frame_id in subset["frame_id"]], dtype=np.int64)
-    with vnp.gpu_lease() as device:
-        reference = run_in_device_process(
-            reference_embeddings, config.models, subset["protein"].to_list(), subset["nucleotide"].to_list(),
-            "cpu" if device is None else "cuda", config.esm2.max_protein_length, device=device)
-    production = {"esm2": merged.esm2[rows], "dnabert_s": merged.dnabert_s[rows]}
-    per_model = {model: compare_embeddings(subset["frame_id"].to_list(), production[model], reference[model])
+    paths = models.paths(read_index_provenance(layout.index).chunk_length)
+    sequences = {name: subset[spec.index_column].to_list() for name, spec in MODELS.items()}
+    reference, where = gpus.run_on_gpu(reference_embeddings, paths, sequences, models.embed_config(gpus.torch_device),
+                                       gpus.torch_device, log=context.log)
+    per_model = {model: compare_embeddings(subset["frame_id"].to_list(), merged.vectors[model][rows], reference[model])
                  for model in MODELS}
-    run_context = {"sample": sample, "reference_device": "cpu" if device is None else f"GPU {device}",
+    run_context = {"sample": sample, "reference_device": where,
                    **{key: merged.attrs[key] for model in MODELS for key in (f"{model}.dtype", f"{model}.attention_backend")}}
-    report = build_report(per_model, config.validation, run_context)
-    paths = write_report(report, per_model, layout.report_dir)
-    histogram = base64.b64encode(paths["histogram"].read_bytes()).decode()
+    report = build_report(per_model, validation, run_context)
+    files = write_report(report, per_model, layout.report_dir)
+    histogram = base64.b64encode(files["histogram"].read_bytes()).decode()
     cosines = {f"{model}_{statistic}": MetadataValue.float(value)
                for model, summary in report["models"].items()
                for statistic, value in summary.items() if statistic.startswith("cosine_") and value is not None}
@@ -73,7 +71,7 @@ def fp16_validation_report(context: AssetExecutionContext, vnp: VnpSettings) -> 
             "histogram": MetadataValue.md(f"![cosine histogram](data:image/png;base64,{histogram})"),
             **cosines,
             "compared": len(subset),
-            **{f"{name}_file": MetadataValue.path(path) for name, path in paths.items()},
+            **{f"{name}_file": MetadataValue.path(path) for name, path in files.items()},
         },
         check_results=[AssetCheckResult(check_name="cosine_thresholds", passed=report["passed"], metadata=cosines)],
     )

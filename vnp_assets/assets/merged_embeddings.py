@@ -2,38 +2,37 @@
 
 from dagster import AssetDep, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from vnp_assets.checks import EAGER_AFTER_CHECKS
+from vnp_assets.checks import FLOW_ON_AFTER_CHECKS
 from vnp_assets.partitions import by_sample, samples_partitions
-from vnp_assets.resources import VnpSettings
-
-EMBEDDING_ASSETS = ("esm2_embeddings", "dnabert_s_embeddings")
+from vnp_assets.resources import SampleProcessing, SampleStorage
+from vnp_core.models import MODELS
 
 
 @asset(
     partitions_def=samples_partitions,
-    # Every shard of the sample, of both models.
-    deps=[AssetDep(key, partition_mapping=by_sample) for key in EMBEDDING_ASSETS],
-    automation_condition=EAGER_AFTER_CHECKS,
+    # Every shard of the sample, of every model.
+    deps=[AssetDep(f"{model}_embeddings", partition_mapping=by_sample) for model in MODELS],
+    automation_condition=FLOW_ON_AFTER_CHECKS,
+    group_name="embeddings",
     kinds={"hdf5"},
 )
-def merged_embeddings(context: AssetExecutionContext, vnp: VnpSettings) -> MaterializeResult:
-    """`ids`, `dnabert_s` and `esm2` per kept frame: the VirNucPro classifier's input."""
-    from vnp_core.index import read_index
+def merged_embeddings(context: AssetExecutionContext, storage: SampleStorage,
+                      processing: SampleProcessing) -> MaterializeResult:
+    """`ids` and each model's vectors per kept frame: the VirNucPro classifier's input."""
+    from vnp_core.index import read_index, read_index_provenance
     from vnp_core.store import merge_sample
 
     sample = context.partition_key
-    layout = vnp.sample_layout(sample)
-    shards = range(vnp.shard_count())
+    layout = storage.layout(sample)
+    shards = range(processing.num_shards)
     stats = merge_sample(
         read_index(layout.index)["frame_id"].to_list(),
-        esm2_shards=[layout.embeddings("esm2", shard) for shard in shards],
-        dnabert_s_shards=[layout.embeddings("dnabert_s", shard) for shard in shards],
+        {model: [layout.embeddings(model, shard) for shard in shards] for model in MODELS},
         out=layout.merged,
-        attrs={"sample": sample, "chunk_length": vnp.chunk_length},
+        attrs={"sample": sample, "chunk_length": read_index_provenance(layout.index).chunk_length},
     )
     return MaterializeResult(metadata={
         "sequences": stats.sequences,
-        "dnabert_s_dim": stats.dnabert_s_dim,
-        "esm2_dim": stats.esm2_dim,
+        **{f"{model}_dim": dim for model, dim in stats.dims.items()},
         "path": MetadataValue.path(stats.path),
     })

@@ -4,34 +4,36 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from vnp_assets.assets.fp16_validation_report import fp16_validation_report
 from vnp_assets.assets.merged_embeddings import merged_embeddings
-from vnp_assets.checks import EAGER_AFTER_CHECKS
+from vnp_assets.checks import FLOW_ON_AFTER_CHECKS
 from vnp_assets.metadata import warn_if_tiny
 from vnp_assets.partitions import samples_partitions
-from vnp_assets.resources import VnpSettings
+from vnp_assets.resources import ModelSet, SampleStorage
 
 
 @asset(
     partitions_def=samples_partitions,
     # After the validation report: calls are made only from features whose precision passed its check.
     deps=[merged_embeddings, fp16_validation_report],
-    automation_condition=EAGER_AFTER_CHECKS,
+    automation_condition=FLOW_ON_AFTER_CHECKS,
+    group_name="calls",
     kinds={"pytorch", "parquet"},
 )
-def virnucpro_predictions(context: AssetExecutionContext, vnp: VnpSettings) -> MaterializeResult:
+def virnucpro_predictions(context: AssetExecutionContext, storage: SampleStorage, models: ModelSet) -> MaterializeResult:
     """Per frame P(virus) and P(others); per chunk `Is_Virus` (prediction_results*.txt/csv, and Parquet with coordinates)."""
     from vnp_core.classify import chunk_calls, load_classifier, predict, write_prediction_files
-    from vnp_core.index import read_index
+    from vnp_core.index import read_index, read_index_provenance
     from vnp_core.store import read_merged
 
-    layout = vnp.sample_layout(context.partition_key)
-    models = vnp.model_paths()
-    classifier = load_classifier(models.classifier, trusted_pickle=models.trust_classifier_pickle)
+    layout = storage.layout(context.partition_key)
+    chunk_length = read_index_provenance(layout.index).chunk_length  # the sample's, not today's setting
+    paths = models.paths(chunk_length)
+    classifier = load_classifier(paths.classifier, trusted_pickle=paths.trust_classifier_pickle)
     merged = read_merged(layout.merged)
-    frames = predict(classifier, merged.ids, merged.features(), chunk_length=vnp.chunk_length)
+    frames = predict(classifier, merged.ids, merged.features(), chunk_length=chunk_length)
     chunks = chunk_calls(frames)
     paths = write_prediction_files(frames, chunks, layout.predictions_dir, index=read_index(layout.index))
     return MaterializeResult(metadata={
-        **warn_if_tiny(context, vnp, {"esm2", "dnabert_s", "classifier"}),
+        **warn_if_tiny(context, models, set(models.given())),
         "frames": frames.height,
         "viral_frames": int((frames["prediction"] == "virus").sum()),
         "chunks": chunks.height,

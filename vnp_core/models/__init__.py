@@ -1,89 +1,66 @@
-"""The two embedding models behind one small interface that the engine drives.
+"""The embedding models, as one registry that the engine, the assets, the validation and the store iterate.
 
-A model is loaded into a `LoadedModel`: the packed `nn.Module` (its `embed(batch)` returns pooled
-fp32 vectors, one per sequence of the pack) and a picklable tokenizer that worker processes use.
+A model is one `ModelSpec` entry plus its files: `<name>.py` (tokenizer and packed forward),
+`<name>_checkpoint.py` (reading its weights) and its fp32 reference in `reference.py`. The
+registry's order is the order the device runs them in and the order of the classifier's features.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from vnp_core.packing import PackedBatch, make_batch
+from vnp_core.config import EmbedConfig
+from vnp_core.fasta import NUCLEOTIDE_LETTERS
+from vnp_core.models.base import LoadedModel, SequenceTokenizer, Tokenized, checkpoint_embedding
 
-
-@dataclass
-class Tokenized:
-    """Every sequence's token ids (specials included), concatenated in input order."""
-
-    tokens: np.ndarray  # (total,) int32: int32 halves the host memory of a large shard
-    lengths: np.ndarray  # (N,) int64
-    truncated: int  # inputs the tokenizer cut
-    offsets: np.ndarray = field(init=False)  # (N+1,) where each sequence starts in `tokens`
-
-    def __post_init__(self) -> None:
-        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
-
-    @classmethod
-    def concat(cls, parts: Sequence[np.ndarray], truncated: int = 0) -> Tokenized:
-        """From one array of ids per sequence."""
-        lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
-        tokens = np.concatenate(parts).astype(np.int32) if parts else np.empty(0, dtype=np.int32)
-        return cls(tokens, lengths, truncated)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def sequence(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-    def batch(self, indices: Sequence[int]) -> PackedBatch:
-        return make_batch([self.sequence(i) for i in indices], indices)
+__all__ = ["MODELS", "LoadedModel", "ModelSpec", "SequenceTokenizer", "Tokenized", "checkpoint_embedding", "model_spec"]
 
 
-class SequenceTokenizer:
-    """Turns sequences into token ids (specials included). Picklable: runs in worker processes."""
-
-    @property
-    def digest(self) -> str:
-        """Names the mapping from sequences to ids: token ids stored earlier are reused only under the same digest."""
-        raise NotImplementedError
-
-    def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
-        """Token ids, and whether the input was truncated. Unknown letters raise `ValueError` naming the record."""
-        raise NotImplementedError
-
-    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> Tokenized:
-        """`encode` of every sequence; a tokenizer with a faster batch path overrides it."""
-        encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
-        return Tokenized.concat([ids for ids, _ in encoded], truncated=sum(truncated for _, truncated in encoded))
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # asset `<name>_embeddings`, HDF5 dataset `<name>`, index column `<name>_tokens`
+    index_column: str  # the sequence column of the index it embeds
+    alphabet: str  # letters its FASTA input may hold
+    pooling: str
+    compile_min_tokens: int  # tokens from which a shard repays compiling the layers
+    load: Callable[[Path, EmbedConfig], LoadedModel]
+    tokenizer: Callable[[Path, EmbedConfig], SequenceTokenizer]  # without reading the weights
+    reference: Callable[[Path, list[str], EmbedConfig, str], np.ndarray]  # fp32, unpacked, on a torch device
 
 
-def checkpoint_embedding(num_embeddings: int, dim: int, padding_idx: int | None = None) -> torch.nn.Embedding:
-    """An `nn.Embedding` left uninitialised, for a model built on the meta device and given a checkpoint.
+def _dnabert_s() -> ModelSpec:
+    from vnp_core.models import dnabert_s, dnabert_s_checkpoint, reference
 
-    Its usual random init is `normal_`, which on the meta device imports torch._dynamo (3.4-4.5 s on
-    an H200 host, bench/results/startup_profile_h200*.txt) inside the first model's load.
-    """
-    return torch.nn.Embedding(num_embeddings, dim, padding_idx, _weight=torch.empty(num_embeddings, dim))
+    return ModelSpec(
+        name="dnabert_s", index_column="nucleotide", alphabet=NUCLEOTIDE_LETTERS, pooling=dnabert_s.POOLING,
+        compile_min_tokens=dnabert_s.COMPILE_MIN_TOKENS, load=dnabert_s_checkpoint.load_dnabert_s,
+        tokenizer=lambda path, config: dnabert_s.DnabertSTokenizer(Path(path) / "tokenizer.json"),
+        reference=lambda path, sequences, config, device: reference.dnabert_s_reference(Path(path), sequences, device),
+    )
 
 
-@dataclass
-class LoadedModel:
-    kind: str  # "esm2" or "dnabert_s"
-    name: str  # e.g. "esm2_t36_3B_UR50D", or the directory name of a DNABERT-S checkpoint
-    module: torch.nn.Module  # .embed(PackedBatch) -> (B, embed_dim) float32
-    tokenizer: SequenceTokenizer
-    embed_dim: int
-    weights_sha256: str
-    source: str  # the path the weights were read from
-    device: torch.device
-    dtype: torch.dtype
-    attention_backend: str
-    pooling: str  # the pooling rule, recorded in every output
-    compiled: bool = False  # layers wrapped by torch.compile
-    # Tokens from which compiling the layers repays its cost on one shard (`engine.load_job`).
-    compile_min_tokens: int = 0
+def _esm2() -> ModelSpec:
+    from vnp_core.models import esm2, esm2_checkpoint, reference
+
+    return ModelSpec(
+        name="esm2", index_column="protein", alphabet=esm2.RESIDUES, pooling=esm2.POOLING,
+        compile_min_tokens=esm2.COMPILE_MIN_TOKENS, load=esm2_checkpoint.load_esm2,
+        tokenizer=lambda path, config: esm2.ESM2Tokenizer(config.max_protein_length),
+        reference=lambda path, sequences, config, device: reference.esm2_reference(
+            Path(path), sequences, max_residues=config.max_protein_length, device=device),
+    )
+
+
+# DNABERT-S first: it is small and quick to load, so the device starts early while the 3B ESM-2
+# loads and compiles; and VirNucPro's features are DNABERT-S's vector, then ESM-2's.
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (_dnabert_s(), _esm2())}
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
+    return MODELS[name]

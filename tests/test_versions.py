@@ -1,0 +1,85 @@
+"""Code versions from the model files: replacing one model marks exactly its assets and those below stale,
+and automation refreshes them top down, leaving the other model's alone."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance, evaluate_automation_conditions
+
+from vnp_assets.definitions import build_definitions
+from vnp_assets.partitions import sample_shard_key
+from vnp_assets.versions import asset_code_versions
+from vnp_core.tiny_models import write_tiny_esm2
+
+CHECKS = {"dnabert_s_embeddings": ("embeddings_finite", "rows_match_index", "ids_unique"),
+          "esm2_embeddings": ("embeddings_finite", "rows_match_index", "ids_unique"),
+          "fp16_validation_report": ("cosine_thresholds",)}
+BELOW_ESM2 = {"esm2_embeddings", "merged_embeddings", "fp16_validation_report", "virnucpro_predictions"}
+
+
+def land(instance: DagsterInstance, key: str, partition, checks: bool = True) -> None:
+    """A materialization and (the first time: runless check results are one per partition) its passed checks."""
+    instance.report_runless_asset_event(AssetMaterialization(key, partition=partition))
+    for check in CHECKS.get(key, ()) if checks else ():
+        instance.report_runless_asset_event(AssetCheckEvaluation(asset_key=AssetKey(key), check_name=check, passed=True,
+                                                                 partition=str(partition)))
+
+
+def versions(resources) -> dict[str, str]:
+    return asset_code_versions(resources["storage"], resources["processing"], resources["models"])
+
+
+def test_replacing_one_model_changes_the_versions_of_its_assets_and_those_below(
+        make_resources, tiny_models_dir: Path, tmp_path: Path) -> None:
+    esm2 = tmp_path / "models" / "esm2_t6.pt"
+    esm2.parent.mkdir()
+    shutil.copyfile(tiny_models_dir / "esm2_tiny.pt", esm2)
+    before = versions(make_resources(esm2_model=str(esm2)))
+
+    write_tiny_esm2(esm2, seed=1)  # new weights under the same name
+    after = versions(make_resources(esm2_model=str(esm2)))
+
+    assert {key for key in before if before[key] != after[key]} == BELOW_ESM2
+    assert versions(make_resources(esm2_model=str(esm2))) == after  # stable, and served from the checksum cache
+    assert {key for key, version in versions(make_resources(dtype="float32")).items()
+            if version != versions(make_resources())[key]} == {"esm2_embeddings", "dnabert_s_embeddings",
+                                                               *BELOW_ESM2}
+
+
+def test_automation_refreshes_only_the_replaced_models_assets_in_graph_order(
+        make_resources, instance: DagsterInstance, tiny_models_dir: Path, tmp_path: Path) -> None:
+    esm2 = tmp_path / "esm2_t6.pt"
+    shutil.copyfile(tiny_models_dir / "esm2_tiny.pt", esm2)
+    resources = make_resources(esm2_model=str(esm2), num_shards=2)
+    old = build_definitions(resources)
+    instance.add_dynamic_partitions("samples", ["s1"])
+    for key, partitions in [("sequence_index", ["s1"]),
+                            *((f"{m}_embeddings", [sample_shard_key("s1", shard) for shard in (0, 1)])
+                              for m in ("dnabert_s", "esm2")),
+                            *((key, ["s1"]) for key in ("merged_embeddings", "fp16_validation_report",
+                                                        "virnucpro_predictions"))]:
+        for partition in partitions:
+            land(instance, key, partition)
+    ticked = evaluate_automation_conditions(old, instance=instance)
+    assert ticked.total_requested == 0  # a done sample stays done
+
+    write_tiny_esm2(esm2, seed=1)
+    new = build_definitions(make_resources(esm2_model=str(esm2), num_shards=2))
+    ticked = evaluate_automation_conditions(new, instance=instance, cursor=ticked.cursor)
+
+    assert ticked.get_requested_partitions(AssetKey("esm2_embeddings")) == {
+        sample_shard_key("s1", 0), sample_shard_key("s1", 1)}
+    assert ticked.total_requested == 2  # DNABERT-S's shards and what is below the new ESM-2 wait or stay
+
+    for shard in (0, 1):  # the refreshed shards land
+        land(instance, "esm2_embeddings", sample_shard_key("s1", shard), checks=False)
+    ticked = evaluate_automation_conditions(new, instance=instance, cursor=ticked.cursor)
+    # What is below, one sample's partition, goes in one run, in graph order.
+    below = ("merged_embeddings", "fp16_validation_report", "virnucpro_predictions")
+    assert {key: ticked.get_requested_partitions(AssetKey(key)) for key in below} == dict.fromkeys(below, {"s1"})
+    assert ticked.total_requested == 3
+    for key in below:
+        land(instance, key, "s1", checks=False)
+    assert evaluate_automation_conditions(new, instance=instance, cursor=ticked.cursor).total_requested == 0

@@ -1,0 +1,85 @@
+"""What every embedding model gives the engine: its tokens (`Tokenized`), a picklable tokenizer
+(`SequenceTokenizer`) and, once loaded, a `LoadedModel` whose `module.embed(batch)` returns pooled
+fp32 vectors, one per sequence of a pack."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vnp_core.packing import PackedBatch, make_batch
+
+
+@dataclass
+class Tokenized:
+    """Every sequence's token ids (specials included), concatenated in input order."""
+
+    tokens: np.ndarray  # (total,) int32: int32 halves the host memory of a large shard
+    lengths: np.ndarray  # (N,) int64
+    truncated: int  # inputs the tokenizer cut
+    offsets: np.ndarray = field(init=False)  # (N+1,) where each sequence starts in `tokens`
+
+    def __post_init__(self) -> None:
+        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
+
+    @classmethod
+    def concat(cls, parts: Sequence[np.ndarray], truncated: int = 0) -> Tokenized:
+        """From one array of ids per sequence."""
+        lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        tokens = np.concatenate(parts).astype(np.int32) if parts else np.empty(0, dtype=np.int32)
+        return cls(tokens, lengths, truncated)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def batch(self, indices: Sequence[int]) -> PackedBatch:
+        return make_batch([self.sequence(i) for i in indices], indices)
+
+
+class SequenceTokenizer:
+    """Turns sequences into token ids (specials included). Picklable: runs in worker processes."""
+
+    @property
+    def digest(self) -> str:
+        """Names the mapping from sequences to ids: token ids stored earlier are reused only under the same digest."""
+        raise NotImplementedError
+
+    def encode(self, sequence: str, record_id: str) -> tuple[np.ndarray, bool]:
+        """Token ids, and whether the input was truncated. Unknown letters raise `ValueError` naming the record."""
+        raise NotImplementedError
+
+    def encode_many(self, sequences: Sequence[str], record_ids: Sequence[str]) -> Tokenized:
+        """`encode` of every sequence; a tokenizer with a faster batch path overrides it."""
+        encoded = [self.encode(sequence, record_id) for sequence, record_id in zip(sequences, record_ids)]
+        return Tokenized.concat([ids for ids, _ in encoded], truncated=sum(truncated for _, truncated in encoded))
+
+
+def checkpoint_embedding(num_embeddings: int, dim: int, padding_idx: int | None = None) -> torch.nn.Embedding:
+    """An `nn.Embedding` left uninitialised, for a model built on the meta device and given a checkpoint.
+
+    Its usual random init is `normal_`, which on the meta device imports torch._dynamo (3.4-4.5 s on
+    an H200 host, bench/results/startup_profile_h200*.txt) inside the first model's load.
+    """
+    return torch.nn.Embedding(num_embeddings, dim, padding_idx, _weight=torch.empty(num_embeddings, dim))
+
+
+@dataclass
+class LoadedModel:
+    kind: str  # its `ModelSpec.name`
+    name: str  # e.g. "esm2_t36_3B_UR50D", or the directory name of a DNABERT-S checkpoint
+    module: torch.nn.Module  # .embed(PackedBatch) -> (B, embed_dim) float32
+    tokenizer: SequenceTokenizer
+    embed_dim: int
+    weights_sha256: str
+    source: str  # the path the weights were read from
+    device: torch.device
+    dtype: torch.dtype
+    attention_backend: str
+    pooling: str  # the pooling rule, recorded in every output
+    compiled: bool = False  # layers wrapped by torch.compile (`engine.compile_if_worth_it`)
