@@ -219,7 +219,7 @@ def esm2_section(args) -> None:
         "fp16_torch_varlen": PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND),
         "fp16_torch_varlen_compiled": PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND),
     }
-    ours["fp16_torch_varlen_compiled"].compile_layers()  # what load_esm2 does on CUDA by default
+    ours["fp16_torch_varlen_compiled"].compile_layers()  # the engine's choice on CUDA for a large shard
     if args.esm2_variants:
         ours["bf16_torch_varlen"] = PackedESM2.from_weights(cfg, weights, DEVICE, torch.bfloat16, ESM2_BACKEND)
     del weights
@@ -338,10 +338,13 @@ def padded_token_ids(token_ids: list[np.ndarray], max_tokens: int, pad_id: int) 
 
 def dnabert_section(args, workdir: Path) -> None:
     from vnp_core.config import EmbedConfig
-    from vnp_core.models.dnabert_s import load_dnabert_s, reference_embed, write_tiny_model
+    from vnp_core.engine import compile_if_worth_it
+    from vnp_core.models.dnabert_s_checkpoint import load_dnabert_s
+    from vnp_core.models.reference import dnabert_s_reference
+    from vnp_core.tiny_models import write_tiny_dnabert_s
 
-    model_dir = write_tiny_model(workdir / "dnabert_s_full", hidden=SHAPES["dnabert"][1], layers=SHAPES["dnabert"][0],
-                                 heads=SHAPES["dnabert"][2], intermediate=SHAPES["dnabert"][3])
+    model_dir = write_tiny_dnabert_s(workdir / "dnabert_s_full", hidden=SHAPES["dnabert"][1], layers=SHAPES["dnabert"][0],
+                                     heads=SHAPES["dnabert"][2], intermediate=SHAPES["dnabert"][3])
     sets = dna_sets(np.random.default_rng(0), args.scale)
     variants = {}
     candidates = [("float16", "sdpa_padded", True), ("float16", "sdpa_padded", False), ("float32", "sdpa_reference", False),
@@ -350,15 +353,18 @@ def dnabert_section(args, workdir: Path) -> None:
         candidates.append(("float16", "flex", True))
     for dtype, backend, compiled in candidates:
         try:
-            variants[f"{dtype}_{backend}" + ("_compiled" if compiled else "")] = load_dnabert_s(model_dir, EmbedConfig(
-                device=DEVICE, dtype=dtype, attention_backend=backend, compile_layers=compiled))
+            # Loaders never compile (the engine decides per shard); compile_min_tokens=0: whatever the size.
+            config = EmbedConfig(device=DEVICE, dtype=dtype, attention_backend=backend, compile_layers=compiled,
+                                 compile_min_tokens=0)
+            variants[f"{dtype}_{backend}" + ("_compiled" if compiled else "")] = compile_if_worth_it(
+                load_dnabert_s(model_dir, config), config, 0)
         except Exception as error:
             record(f"dnabert_load_{dtype}_{backend}", f"failed: {error!r}")
     tokenizer = next(iter(variants.values())).tokenizer
 
     for name, seqs in sets.items():
         subset = seqs[: args.accuracy_n]
-        reference = reference_embed(model_dir, subset, device=DEVICE)
+        reference = dnabert_s_reference(model_dir, subset, device=DEVICE)
         tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(subset)]
         for variant, loaded in variants.items():
             try:

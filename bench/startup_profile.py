@@ -45,16 +45,19 @@ def main() -> None:
     from pathlib import Path
 
     from vnp_core.config import EmbedConfig
-    from vnp_core.engine import load_model, tokenize
-    config = EmbedConfig(device="cuda", dtype="float16")
-    dnabert = load_model("dnabert_s", Path(args.dnabert_s), config)
+    from vnp_core.engine import compile_if_worth_it, tokenize
+    from vnp_core.models import model_spec
+    # compile_min_tokens=0: the layers are compiled whatever the size, so the warm-up phases time the
+    # compilation (wrapping is free; tracing happens at the first pack).
+    config = EmbedConfig(device="cuda", dtype="float16", compile_min_tokens=0)
+    dnabert = compile_if_worth_it(model_spec("dnabert_s").load(Path(args.dnabert_s), config), config, 0)
     mark("load DNABERT-S")
     seqs = ["ACGTTGCAAGGCTTAACG" * (5 + i % 20) for i in range(2000)]
     tokenized = tokenize(dnabert.tokenizer, [str(i) for i in range(len(seqs))], seqs, 0)
     mark("tokenise 2000")
     first_packs(dnabert, tokenized)
     mark("compile DNABERT-S (warm-up)")
-    esm = load_model("esm2", Path(args.esm2), config)
+    esm = compile_if_worth_it(model_spec("esm2").load(Path(args.esm2), config), config, 0)
     mark("load ESM-2")
     proteins = ["MKVLAGHWYTRE" * (3 + i % 10) for i in range(2000)]
     first_packs(esm, tokenize(esm.tokenizer, [str(i) for i in range(len(proteins))], proteins, 0))

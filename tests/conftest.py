@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from dagster import ConfigurableResource, DagsterInstance, instance_for_test
 
-from vnp_assets.definitions import resources_from_settings
+from vnp_assets.platform import resources_from_settings
 from vnp_assets.samples import register_sample
 
 Resources = dict[str, ConfigurableResource]

@@ -48,6 +48,7 @@ class FakeEmbedStats:
     load_seconds: float = 0.0
     compiled: bool = False
     waited_seconds: float = 0.0
+    rows_from_cache: int = 0
     first_pack_seconds: float = 0.0
 
     def summary(self) -> str:
@@ -63,9 +64,9 @@ def fake_embed_shards(jobs, progress) -> list:
             job.out.with_suffix(".kill").unlink()
             os.kill(os.getpid(), signal.SIGKILL)
         if job.out.with_suffix(".fail").exists():
-            outcomes.append(RuntimeError(f"{job.kind} failed on purpose"))
+            outcomes.append(RuntimeError(f"{job.model} failed on purpose"))
             continue
-        progress(job.kind, FakeProgress(len(ids) // 2, len(ids), 100, 0.1, 0))
+        progress(job.model, FakeProgress(len(ids) // 2, len(ids), 100, 0.1, 0))
         time.sleep(0.3)  # long enough for concurrent steps to overlap, were they not kept apart by leases
         vectors = np.ones((len(ids), WIDTH), dtype=np.float32)
         if job.out.with_suffix(".nan").exists():
@@ -73,7 +74,7 @@ def fake_embed_shards(jobs, progress) -> list:
         with h5py.File(job.out, "w") as f:
             f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
             f.create_dataset("embeddings", data=vectors)
-            f.attrs.update({"kind": job.kind, "dtype": job.config.dtype, **job.attrs})
+            f.attrs.update({"kind": job.model, "dtype": job.config.dtype, **job.attrs})
         job.out.with_suffix(".device.json").write_text(json.dumps(
             {"visible": os.environ["CUDA_VISIBLE_DEVICES"], "start": started, "end": time.time()}))
         outcomes.append(FakeEmbedStats(len(ids), job.config.dtype))

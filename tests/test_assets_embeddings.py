@@ -20,7 +20,7 @@ from fake_embedder import WIDTH, fake_embed_shards
 import vnp_assets.assets.embeddings as embeddings_module
 import vnp_assets.progress as progress_module
 from vnp_assets.assets import build_assets
-from vnp_assets.definitions import build_definitions
+from vnp_assets.platform import build_definitions
 from vnp_assets.partitions import sample_shard_key
 from conftest import Resources
 from vnp_assets.resources import GpuPool

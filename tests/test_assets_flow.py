@@ -17,7 +17,7 @@ from dagster import (
 from typer.testing import CliRunner
 
 from vnp_assets.assets import build_assets
-from vnp_assets.definitions import build_definitions
+from vnp_assets.platform import build_definitions
 from conftest import Resources
 from vnp_assets.run_sample import run_sample
 from vnp_assets.sensors import fasta_inbox_sensor

@@ -10,7 +10,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, materialize
 
 from vnp_assets.assets import build_assets
-from vnp_assets.definitions import build_definitions
+from vnp_assets.platform import build_definitions
 from conftest import Resources
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"

@@ -15,11 +15,11 @@ from vnp_core.classify import (
     load_classifier,
     predict,
     write_prediction_files,
-    write_tiny_classifier,
 )
 from vnp_core.config import PrepConfig
 from vnp_core.index import build_index
 from vnp_core.prep import prepare_fasta
+from vnp_core.tiny_models import write_tiny_classifier
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 

@@ -12,7 +12,8 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 from dagster._core.instance.config import PoolGranularity
 
-from vnp_assets.definitions import SettingsError, build_definitions, resources_from_settings, settings_from_environment
+from vnp_assets.definitions import settings_from_environment
+from vnp_assets.platform import SettingsError, build_definitions, resources_from_settings
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = {"sequence_index", "esm2_embeddings", "dnabert_s_embeddings", "merged_embeddings", "fp16_validation_report",

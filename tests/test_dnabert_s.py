@@ -15,13 +15,11 @@ from tokenizers import Tokenizer, models, processors, trainers
 
 from vnp_core.config import EmbedConfig
 from vnp_core.models import dnabert_s
-from vnp_core.models.dnabert_s import (
-    DnabertSTokenizer,
-    alibi_slopes,
-    load_dnabert_s,
-    reference_embed,
-    write_tiny_model,
-)
+from vnp_core.models.checkpoint import CheckpointError
+from vnp_core.models.dnabert_s import DnabertSTokenizer, alibi_slopes
+from vnp_core.models.dnabert_s_checkpoint import load_dnabert_s
+from vnp_core.models.reference import dnabert_s_reference
+from vnp_core.tiny_models import write_tiny_dnabert_s
 from vnp_core.packing import make_batch
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -35,12 +33,12 @@ def genome(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("dnabert_s"))
+    return write_tiny_dnabert_s(tmp_path_factory.mktemp("dnabert_s"))
 
 
 @pytest.fixture(scope="module")
 def tiny_one_layer(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("dnabert_s_1"), layers=1)
+    return write_tiny_dnabert_s(tmp_path_factory.mktemp("dnabert_s_1"), layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,7 @@ def test_alibi_slopes_match_the_published_values():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_forward_matches_reference(tiny, chunks, backend):
     packed = embed_packed(tiny, chunks, backend)
-    reference = reference_embed(tiny, chunks)
+    reference = dnabert_s_reference(tiny, chunks)
     assert packed.dtype == np.float32 and packed.shape == (len(chunks), 64)
     assert cosines(packed, reference).min() >= 0.99999
     np.testing.assert_allclose(packed, reference, atol=1e-4)
@@ -87,7 +85,7 @@ def test_sequences_longer_than_alibi_starting_size(tiny_one_layer, backend):
     tokens = DnabertSTokenizer(tiny_one_layer / "tokenizer.json").encode_many(long, ["a", "b", "c"]).lengths
     assert tokens.min() > 512 and tokens.max() < 800
     packed = embed_packed(tiny_one_layer, long, backend)
-    assert cosines(packed, reference_embed(tiny_one_layer, long)).min() >= 0.99999
+    assert cosines(packed, dnabert_s_reference(tiny_one_layer, long)).min() >= 0.99999
 
 
 def test_a_pack_of_two_equals_each_alone(tiny, chunks):
@@ -147,7 +145,7 @@ def test_missing_weight_is_named(tiny, tmp_path):
     state = load_file(tiny / "model.safetensors")
     del state["encoder.layer.1.mlp.wo.bias"]
     model_dir = copy_with_weights(tiny, tmp_path / "copy", state, "pytorch_model.bin")
-    with pytest.raises(ValueError, match=r"pytorch_model\.bin: missing weight encoder\.layer\.1\.mlp\.wo\.bias"):
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: missing weight 'encoder\.layer\.1\.mlp\.wo\.bias'"):
         load_dnabert_s(model_dir, EmbedConfig())
 
 
@@ -155,7 +153,7 @@ def test_wrong_shape_is_named(tiny, tmp_path):
     state = load_file(tiny / "model.safetensors")
     state["encoder.layer.0.attention.self.Wqkv.weight"] = torch.zeros(64, 64)
     model_dir = copy_with_weights(tiny, tmp_path / "copy", state, "model.safetensors")
-    with pytest.raises(ValueError, match=r"model\.safetensors: weight encoder\.layer\.0\.attention\.self\.Wqkv\.weight "
+    with pytest.raises(ValueError, match=r"model\.safetensors: weight 'encoder\.layer\.0\.attention\.self\.Wqkv\.weight' "
                                          r"has shape \(64, 64\), expected \(192, 64\)"):
         load_dnabert_s(model_dir, EmbedConfig())
 
@@ -165,6 +163,37 @@ def test_missing_weights_file_is_named(tiny, tmp_path):
         (tmp_path / name).write_bytes((tiny / name).read_bytes())
     with pytest.raises(FileNotFoundError, match="no DNABERT-S weights"):
         load_dnabert_s(tmp_path, EmbedConfig())
+
+
+def test_a_truncated_safetensors_file_is_an_error(tiny, tmp_path):
+    model_dir = copy_with_weights(tiny, tmp_path / "copy", load_file(tiny / "model.safetensors"), "model.safetensors")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_dnabert_s(model_dir, EmbedConfig())
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        dnabert_s_reference(model_dir, ["ACGT"])
+
+
+class PlantedCode:
+    """Unpickled, it would run code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_weights_file_whose_pickle_would_run_code_is_refused(tiny, tmp_path):
+    marker = tmp_path / "code_ran"
+    state = {**load_file(tiny / "model.safetensors"), "pooler.dense.weight": PlantedCode(marker)}
+    model_dir = copy_with_weights(tiny, tmp_path / "copy", state, "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused: loading it would run code"):
+        load_dnabert_s(model_dir, EmbedConfig())
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused"):
+        dnabert_s_reference(model_dir, ["ACGT"])
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -215,7 +244,7 @@ def test_tokenizer_upper_cases_counts_and_pickles(tiny, chunks, tmp_path):
     np.testing.assert_array_equal(tokenizer.encode_many(chunks, [str(i) for i in range(len(chunks))]).lengths, lengths)
     clone = pickle.loads(pickle.dumps(tokenizer))
     np.testing.assert_array_equal(clone.encode(chunks[1], "r")[0], tokenizer.encode(chunks[1], "r")[0])
-    other = write_tiny_model(tmp_path / "other", seed=1)
+    other = write_tiny_dnabert_s(tmp_path / "other", seed=1)
     assert clone.digest == tokenizer.digest != DnabertSTokenizer(other / "tokenizer.json").digest
     with pytest.raises(ValueError, match="'empty_one'"):
         tokenizer.encode("", "empty_one")
@@ -235,8 +264,8 @@ def test_batch_encoding_matches_one_by_one_and_names_an_empty_record(tiny, chunk
             tokenizer.encode_many([("" if i == empty_at else chunks[i]) for i in range(5)], ids)
 
 
-def test_write_tiny_model_is_deterministic(tmp_path):
-    first, again, other = (write_tiny_model(tmp_path / name, seed=seed) for name, seed in
+def test_write_tiny_dnabert_s_is_deterministic(tmp_path):
+    first, again, other = (write_tiny_dnabert_s(tmp_path / name, seed=seed) for name, seed in
                            (("a", 0), ("b", 0), ("c", 1)))
     for name in ("config.json", "tokenizer.json", "model.safetensors"):
         assert (first / name).read_bytes() == (again / name).read_bytes()

@@ -17,18 +17,21 @@ import pytest
 import torch
 from torch import nn
 
-from vnp_core.config import EmbedConfig, ShardJob
+from vnp_core.attention import BACKENDS as ATTENTION_BACKENDS
+from vnp_core.config import ESM2_MAX_RESIDUES, EmbedConfig
 from vnp_core.engine import (
     CPU_MAX_TOKENS,
     NonFiniteEmbeddingError,
+    ShardJob,
     TokenizationError,
+    compile_if_worth_it,
     embed_fasta_to_hdf5,
     embed_sequences,
     embed_shards,
-    load_model,
 )
 from vnp_core.fasta import FastaError
-from vnp_core.models import LoadedModel, SequenceTokenizer
+from vnp_core.index import COLUMNS as INDEX_COLUMNS
+from vnp_core.models import MODELS, LoadedModel, SequenceTokenizer, model_spec
 from vnp_core.packing import make_batch, segment_mean
 from vnp_core.store import ShardCheckpoint, checkpoint_path, read_embeddings
 
@@ -243,10 +246,10 @@ def test_unreadable_shard_is_recomputed(tmp_path, caplog):
 
 
 def test_tiny_esm2_packed_in_many_packs_matches_one_pack(tmp_path):
-    from vnp_core.models.esm2 import write_tiny_checkpoint
+    from vnp_core.tiny_models import write_tiny_esm2
 
-    checkpoint = write_tiny_checkpoint(tmp_path / "esm2_tiny.pt")
-    model = load_model("esm2", checkpoint, EmbedConfig())
+    checkpoint = write_tiny_esm2(tmp_path / "esm2_tiny.pt")
+    model = model_spec("esm2").load(checkpoint, EmbedConfig())
     ids, sequences = proteins(24)
     many = embed_sequences(model, ids, sequences, tmp_path / "many.h5", config(max_tokens=64))
     one = embed_sequences(model, ids, sequences, tmp_path / "one.h5", config(max_tokens=100_000))
@@ -258,14 +261,14 @@ def test_tiny_esm2_packed_in_many_packs_matches_one_pack(tmp_path):
 
 
 def test_embed_fasta_with_tiny_dnabert_s_on_a_real_genome(tmp_path):
-    from vnp_core.models.dnabert_s import write_tiny_model
+    from vnp_core.tiny_models import write_tiny_dnabert_s
 
     genome = "".join(line.strip() for line in (REAL_DATA / "phiX174.fasta").read_text().splitlines()[1:])
     chunks = [genome[start : start + 300] for start in range(0, len(genome), 300)]
     fasta = tmp_path / "phiX174_chunks.fa"
     fasta.write_text("".join(f">phiX_{i}\n{chunk}\n" for i, chunk in enumerate(chunks)))
 
-    stats = embed_fasta_to_hdf5("dnabert_s", fasta, write_tiny_model(tmp_path / "dnabert_s_tiny"),
+    stats = embed_fasta_to_hdf5("dnabert_s", fasta, write_tiny_dnabert_s(tmp_path / "dnabert_s_tiny"),
                                 tmp_path / "shard.h5", EmbedConfig(num_workers=0))
     shard = read_embeddings(tmp_path / "shard.h5")
     assert shard.ids == [f"phiX_{i}" for i in range(len(chunks))]
@@ -275,9 +278,9 @@ def test_embed_fasta_with_tiny_dnabert_s_on_a_real_genome(tmp_path):
 
 
 def test_embed_fasta_rejects_a_bad_protein_naming_file_and_record(tmp_path):
-    from vnp_core.models.esm2 import write_tiny_checkpoint
+    from vnp_core.tiny_models import write_tiny_esm2
 
-    checkpoint = write_tiny_checkpoint(tmp_path / "esm2_tiny.pt")
+    checkpoint = write_tiny_esm2(tmp_path / "esm2_tiny.pt")
     fasta = tmp_path / "proteins.faa"
     fasta.write_text(">good\nMKV\n>soft_masked\nMKvL\n")
     with pytest.raises(FastaError, match=r"proteins\.faa.*'soft_masked'.*'v'"):
@@ -299,10 +302,9 @@ class RecordedRows:
 
 
 def test_embed_shards_runs_each_job_and_prepares_the_next_while_one_computes(tmp_path):
-    from vnp_core.models.dnabert_s import write_tiny_model
-    from vnp_core.models.esm2 import write_tiny_checkpoint
+    from vnp_core.tiny_models import write_tiny_dnabert_s, write_tiny_esm2
 
-    esm2, dnabert_s = write_tiny_checkpoint(tmp_path / "esm2_tiny.pt"), write_tiny_model(tmp_path / "dnabert_s_tiny")
+    esm2, dnabert_s = write_tiny_esm2(tmp_path / "esm2_tiny.pt"), write_tiny_dnabert_s(tmp_path / "dnabert_s_tiny")
     genome = "".join(line.strip() for line in (REAL_DATA / "phiX174.fasta").read_text().splitlines()[1:])
     chunk_ids = [f"phiX_{start}" for start in range(0, len(genome), 20)]
     chunks = [genome[start : start + 150] for start in range(0, len(genome), 20)]
@@ -318,8 +320,8 @@ def test_embed_shards_runs_each_job_and_prepares_the_next_while_one_computes(tmp
     assert [stats.sequences for stats in outcomes] == [len(chunks), len(protein_ids)]
     assert all(stats.load_seconds > 0 for stats in outcomes)
     for job, ids, sequences in ((jobs[0], chunk_ids, chunks), (jobs[1], protein_ids, protein_sequences)):
-        alone = tmp_path / f"{job.kind}_alone.h5"
-        embed_sequences(load_model(job.kind, job.model_path, small_packs), ids, sequences, alone, small_packs)
+        alone = tmp_path / f"{job.model}_alone.h5"
+        embed_sequences(model_spec(job.model).load(job.model_path, small_packs), ids, sequences, alone, small_packs)
         written = read_embeddings(job.out)
         assert written.ids == ids and written.attrs["shard"] == 0
         np.testing.assert_array_equal(written.embeddings, read_embeddings(alone).embeddings)
@@ -329,9 +331,9 @@ def test_embed_shards_runs_each_job_and_prepares_the_next_while_one_computes(tmp
 
 
 def test_embed_shards_returns_a_failed_job_in_its_place_and_runs_the_others(tmp_path):
-    from vnp_core.models.esm2 import write_tiny_checkpoint
+    from vnp_core.tiny_models import write_tiny_esm2
 
-    checkpoint = write_tiny_checkpoint(tmp_path / "esm2_tiny.pt")
+    checkpoint = write_tiny_esm2(tmp_path / "esm2_tiny.pt")
     ids, sequences = proteins(10)
     bad = RecordedRows(["p0", "p1"], ["MKV", "MKJV"], [])
     good = RecordedRows(ids, sequences, [])
@@ -357,14 +359,13 @@ class StoredTokens:
 
 
 def test_embed_shards_embeds_stored_tokens_made_by_the_models_tokenizer(tmp_path):
-    from vnp_core.engine import load_tokenizer
-    from vnp_core.models.dnabert_s import write_tiny_model
+    from vnp_core.tiny_models import write_tiny_dnabert_s
 
-    dnabert_s = write_tiny_model(tmp_path / "dnabert_s_tiny")
+    dnabert_s = write_tiny_dnabert_s(tmp_path / "dnabert_s_tiny")
     genome = "".join(line.strip() for line in (REAL_DATA / "phiX174.fasta").read_text().splitlines()[1:])
     ids = [f"phiX_{start}" for start in range(0, 3000, 100)]
     chunks = [genome[start : start + 150] for start in range(0, 3000, 100)]
-    tokenizer = load_tokenizer("dnabert_s", dnabert_s, config())
+    tokenizer = model_spec("dnabert_s").tokenizer(dnabert_s, config())
     # Stored tokens of other sequences: the vectors show which tokens were embedded.
     shifted = tokenizer.encode_many(chunks[1:] + chunks[:1], ids)
     rows = RecordedRows(ids, chunks, [])
@@ -373,7 +374,7 @@ def test_embed_shards_embeds_stored_tokens_made_by_the_models_tokenizer(tmp_path
     outcomes = embed_shards([ShardJob("dnabert_s", dnabert_s, rows, tmp_path / "stored.h5", config(), tokens=stored),
                              ShardJob("dnabert_s", dnabert_s, rows, tmp_path / "stale.h5", config(), tokens=stale)])
     assert [outcome.sequences for outcome in outcomes] == [30, 30] and stored.asked == stale.asked == [tokenizer.digest]
-    model = load_model("dnabert_s", dnabert_s, config())
+    model = model_spec("dnabert_s").load(dnabert_s, config())
     embed_sequences(model, ids, chunks[1:] + chunks[:1], tmp_path / "shifted.h5", config())
     embed_sequences(model, ids, chunks, tmp_path / "tokenised.h5", config())
     np.testing.assert_array_equal(read_embeddings(tmp_path / "stored.h5").embeddings,
@@ -381,3 +382,129 @@ def test_embed_shards_embeds_stored_tokens_made_by_the_models_tokenizer(tmp_path
     # Tokens of another tokenizer are not used: the rows are tokenised again.
     np.testing.assert_array_equal(read_embeddings(tmp_path / "stale.h5").embeddings,
                                   read_embeddings(tmp_path / "tokenised.h5").embeddings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling: the engine decides, per shard, whether compiling the layers repays its cost
+
+
+class CompileRecorder(nn.Module):
+    """A module that notes `compile_layers` calls instead of compiling."""
+
+    def __init__(self):
+        super().__init__()
+        self.compile_calls = 0
+
+    def compile_layers(self) -> None:
+        self.compile_calls += 1
+
+
+def recording_model(device: str, kind: str = "esm2", compiled: bool = False) -> LoadedModel:
+    return LoadedModel(kind=kind, name="recorder", module=CompileRecorder(), tokenizer=LetterTokenizer(), embed_dim=8,
+                       weights_sha256="0" * 64, source="memory", device=torch.device(device), dtype=torch.float16,
+                       attention_backend="none", pooling="none", compiled=compiled)
+
+
+def test_compile_never_on_a_cpu():
+    model = recording_model("cpu")
+    for config in (EmbedConfig(), EmbedConfig(compile_min_tokens=0)):
+        assert compile_if_worth_it(model, config, 10**12) is model
+    assert model.module.compile_calls == 0 and not model.compiled
+
+
+@pytest.mark.parametrize("kind", ["esm2", "dnabert_s"])
+def test_compile_from_the_models_own_break_even(kind):
+    threshold = model_spec(kind).compile_min_tokens
+    assert threshold > 0
+    below = recording_model("cuda", kind)
+    assert compile_if_worth_it(below, EmbedConfig(), threshold - 1) is below
+    assert below.module.compile_calls == 0
+
+    at = recording_model("cuda", kind)
+    compiled = compile_if_worth_it(at, EmbedConfig(), threshold)
+    assert compiled.compiled and compiled.module is at.module and at.module.compile_calls == 1
+    assert not at.compiled  # the model given is left as it was
+    # Compiled once only, and never when compiling is switched off.
+    assert compile_if_worth_it(compiled, EmbedConfig(), 10 * threshold) is compiled and at.module.compile_calls == 1
+    off = recording_model("cuda", kind)
+    assert compile_if_worth_it(off, EmbedConfig(compile_layers=False, compile_min_tokens=0), 10 * threshold) is off
+    assert off.module.compile_calls == 0
+
+
+def test_compile_threshold_from_the_config_overrides_the_models():
+    every = recording_model("cuda")
+    assert compile_if_worth_it(every, EmbedConfig(compile_min_tokens=0), 1).compiled  # 0: every shard
+    assert every.module.compile_calls == 1
+    low = recording_model("cuda")
+    assert compile_if_worth_it(low, EmbedConfig(compile_min_tokens=100), 100).compiled
+    high = recording_model("cuda")
+    big_enough_for_the_model = model_spec("esm2").compile_min_tokens
+    assert not compile_if_worth_it(high, EmbedConfig(compile_min_tokens=10 * big_enough_for_the_model),
+                                   big_enough_for_the_model).compiled
+
+
+def tiny_models(tmp_path: Path) -> dict[str, Path]:
+    from vnp_core.tiny_models import write_tiny_dnabert_s, write_tiny_esm2
+
+    return {"esm2": write_tiny_esm2(tmp_path / "esm2_tiny.pt"), "dnabert_s": write_tiny_dnabert_s(tmp_path / "dnabert_s")}
+
+
+def test_loaders_never_compile(tmp_path):
+    for name, path in tiny_models(tmp_path).items():
+        assert not model_spec(name).load(path, EmbedConfig(compile_min_tokens=0)).compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# The model registry
+
+
+def test_registry_order_and_entries():
+    assert list(MODELS) == ["dnabert_s", "esm2"]  # the device's order and the classifier's feature order
+    for name, spec in MODELS.items():
+        assert spec.name == name and model_spec(name) is spec
+        assert spec.index_column in INDEX_COLUMNS and f"{name}_tokens" in INDEX_COLUMNS
+        assert spec.alphabet and len(set(spec.alphabet)) == len(spec.alphabet)
+        assert spec.pooling and spec.compile_min_tokens > 0
+    assert (MODELS["dnabert_s"].index_column, MODELS["esm2"].index_column) == ("nucleotide", "protein")
+    with pytest.raises(ValueError, match="unknown model 'esm3': expected one of dnabert_s, esm2"):
+        model_spec("esm3")
+
+
+def test_every_spec_loads_tokenizes_and_references_its_tiny_model(tmp_path):
+    paths = tiny_models(tmp_path)
+    sequences = {"esm2": ["MKV", "ACDEFGHIKLMNPQRSTVWY"], "dnabert_s": ["ACGTACGTAA", "GGGCCCATATAT"]}
+    for name, spec in MODELS.items():
+        assert set("".join(sequences[name])) <= set(spec.alphabet)
+        loaded = spec.load(paths[name], config())
+        assert (loaded.kind, loaded.pooling) == (name, spec.pooling)
+        tokenizer = spec.tokenizer(paths[name], config())
+        assert tokenizer.digest == loaded.tokenizer.digest
+        ids = [f"{name}_{i}" for i in range(2)]
+        embed_sequences(loaded, ids, sequences[name], tmp_path / f"{name}.h5", config())
+        reference = spec.reference(paths[name], sequences[name], config(), "cpu")
+        assert reference.shape == (2, loaded.embed_dim) and reference.dtype == np.float32
+        np.testing.assert_allclose(read_embeddings(tmp_path / f"{name}.h5").embeddings, reference, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# EmbedConfig refuses what no run could use
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"max_protein_length": 0}, "max_protein_length must be at least 1"),
+    ({"attention_backend": "flash"}, "attention back end must be one of .*got 'flash'"),
+    ({"num_workers": -1}, "num_workers must be 0 or more"),
+    ({"checkpoint_rows": 0}, "checkpoint_rows 1 or more"),
+    ({"compile_min_tokens": -1}, "compile_min_tokens must be 0 or more"),
+    ({"dtype": "float64"}, "dtype must be"),
+    ({"max_tokens": 0}, "max_tokens must be positive"),
+])
+def test_embed_config_refuses_bad_values(change, message):
+    with pytest.raises(ValueError, match=message):
+        EmbedConfig(**change)
+
+
+def test_embed_config_accepts_every_attention_back_end():
+    for name in ("auto", *ATTENTION_BACKENDS):
+        assert EmbedConfig(attention_backend=name).attention_backend == name
+    assert EmbedConfig().max_protein_length == ESM2_MAX_RESIDUES == 1022

@@ -15,10 +15,13 @@ import torch
 from esm.model.esm2 import ESM2
 
 from vnp_core.config import EmbedConfig
+from vnp_core.models.checkpoint import CheckpointError
 from vnp_core.models.esm2 import (
-    CLS, EOS, MASK, PAD, POOLING, RESIDUES, TOKENS, UNK, ESM2Config, ESM2Tokenizer, PackedESM2, load_esm2,
-    reference_embed, write_tiny_checkpoint,
+    CLS, EOS, MASK, PAD, POOLING, RESIDUES, TOKENS, UNK, ESM2Config, ESM2Tokenizer, PackedESM2,
 )
+from vnp_core.models.esm2_checkpoint import load_esm2
+from vnp_core.models.reference import esm2_reference
+from vnp_core.tiny_models import write_tiny_esm2
 from vnp_core.packing import make_batch
 
 AMINO_ACIDS = "LAGVSERTIDPKQNFYMHWCXBUZO"  # all 25 residue letters of the alphabet
@@ -55,12 +58,12 @@ def fair_esm_embed(model: ESM2, token_ids: list[np.ndarray]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("esm") / "esm2_t2_tiny.pt")
+    return write_tiny_esm2(tmp_path_factory.mktemp("esm") / "esm2_t2_tiny.pt")
 
 
 @pytest.fixture(scope="module")
 def one_layer(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("esm") / "esm2_t1_tiny.pt", num_layers=1, seed=1)
+    return write_tiny_esm2(tmp_path_factory.mktemp("esm") / "esm2_t1_tiny.pt", num_layers=1, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -143,17 +146,17 @@ def test_long_proteins_are_truncated_and_still_match(one_layer):
     tokenizer = ESM2Tokenizer()
     assert [tokenizer.encode(s, "r")[1] for s in sequences] == [False, False, True]
     ours = load_esm2(one_layer, FP32).module.embed(pack(sequences)).numpy()
-    reference = reference_embed(one_layer, sequences)
+    reference = esm2_reference(one_layer, sequences)
     assert cosine(ours, reference).min() >= 0.99999
     assert np.abs(ours - reference).max() < 1e-5
     # The truncated protein is the N-terminal 1022 residues, not the whole.
-    whole = reference_embed(one_layer, sequences[2:], max_residues=None)
+    whole = esm2_reference(one_layer, sequences[2:], max_residues=None)
     assert cosine(ours[2:], whole)[0] < 0.99
 
 
-def test_reference_embed_is_fair_esm_loaded_by_fair_esm(tiny):
+def test_esm2_reference_is_fair_esm_loaded_by_fair_esm(tiny):
     token_ids = [ESM2Tokenizer().encode(s, "r")[0] for s in SEQUENCES]
-    np.testing.assert_allclose(reference_embed(tiny, SEQUENCES), fair_esm_embed(fair_esm_model(tiny), token_ids),
+    np.testing.assert_allclose(esm2_reference(tiny, SEQUENCES), fair_esm_embed(fair_esm_model(tiny), token_ids),
                                atol=1e-6)
 
 
@@ -203,7 +206,7 @@ def test_half_precision_within_the_spec_threshold(tiny, dtype):
     assert next(loaded.module.parameters()).dtype == getattr(torch, dtype)
     pooled = loaded.module.embed(pack(SEQUENCES))
     assert pooled.dtype == torch.float32
-    assert cosine(pooled.numpy(), reference_embed(tiny, SEQUENCES)).min() >= 0.995
+    assert cosine(pooled.numpy(), esm2_reference(tiny, SEQUENCES)).min() >= 0.995
 
 
 def test_from_config_gives_a_random_model_of_that_shape():
@@ -243,12 +246,12 @@ def test_prefixed_fair_esm_keys(tiny, model, tmp_path):
 
 def test_config_inferred_for_a_released_width_without_cfg(tmp_path):
     # 320 wide is the 8M layout, whose 20 heads of 16 no shape reveals.
-    source = write_tiny_checkpoint(tmp_path / "esm2_t1_320.pt", num_layers=1, embed_dim=320, attention_heads=20)
+    source = write_tiny_esm2(tmp_path / "esm2_t1_320.pt", num_layers=1, embed_dim=320, attention_heads=20)
     no_cfg = _rewrite(source, tmp_path / "no_cfg.pt", lambda data: data.pop("cfg"))
     loaded = load_esm2(no_cfg, FP32)
     assert loaded.module.cfg == ESM2Config(1, 320, 20)
     ours = loaded.module.embed(pack(SEQUENCES[:3])).numpy()
-    assert cosine(ours, reference_embed(source, SEQUENCES[:3])).min() >= 0.99999
+    assert cosine(ours, esm2_reference(source, SEQUENCES[:3])).min() >= 0.99999
 
 
 def test_unknown_width_without_cfg_is_an_error(tiny, tmp_path):
@@ -272,6 +275,41 @@ def test_a_file_that_is_no_checkpoint_is_an_error(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="notes.pt: not a readable torch checkpoint"):
         load_esm2(tmp_path / "notes.pt", FP32)
+
+
+class PlantedCode:
+    """Unpickled, it would run code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("where", ["cfg", "weights"])
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tiny, tmp_path, where):
+    marker = tmp_path / "code_ran"
+
+    def plant(data):
+        if where == "cfg":
+            data["cfg"]["model"] = PlantedCode(marker)
+        else:
+            data["model"]["layers.0.fc1.weight"] = PlantedCode(marker)
+
+    planted = _rewrite(tiny, tmp_path / "esm2_planted.pt", plant)
+    with pytest.raises(CheckpointError, match=r"esm2_planted\.pt: refused: loading it would run code"):
+        load_esm2(planted, FP32)
+    with pytest.raises(CheckpointError, match=r"esm2_planted\.pt: refused"):
+        esm2_reference(planted, SEQUENCES[:1])
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_an_error(tiny, tmp_path):
+    truncated = tmp_path / "esm2_truncated.pt"
+    truncated.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"esm2_truncated\.pt: not a readable torch checkpoint"):
+        load_esm2(truncated, FP32)
 
 
 def test_model_name_from_the_local_hub_cache_only(tiny, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from fake_embedder import fake_embed_shards
 
 import vnp_assets.assets.embeddings as embeddings_module
 from vnp_assets.assets import build_assets
-from vnp_assets.definitions import build_definitions
+from vnp_assets.platform import build_definitions
 from vnp_assets.partitions import sample_shard_key
 from vnp_core.config import EmbedConfig, PrepConfig
 from vnp_core.engine import NonFiniteEmbeddingError, embed_sequences

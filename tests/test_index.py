@@ -9,13 +9,16 @@ from vnp_core.config import PrepConfig
 from vnp_core.fasta import FastaRecord, read_fasta
 from vnp_core.index import (
     TOKEN_IDS,
+    IndexProvenance,
     ShardRows,
     build_index,
     index_summary,
     read_index,
+    read_index_provenance,
     write_index,
 )
-from vnp_core.models.dnabert_s import DnabertSTokenizer, write_tiny_model
+from vnp_core.models.dnabert_s import DnabertSTokenizer
+from vnp_core.tiny_models import write_tiny_dnabert_s
 from vnp_core.prep import prepare_records
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -78,10 +81,10 @@ def test_token_counts():
 
 
 def test_dnabert_s_token_ids_are_kept_with_their_tokenizer_and_read_back_per_shard(tmp_path, t4_frames):
-    tokenizer = DnabertSTokenizer(write_tiny_model(tmp_path / "dnabert_s") / "tokenizer.json")
+    tokenizer = DnabertSTokenizer(write_tiny_dnabert_s(tmp_path / "dnabert_s") / "tokenizer.json")
     index = build_index(t4_frames, num_shards=3, dnabert_tokenizer=tokenizer)
     path = tmp_path / "index.parquet"
-    write_index(index, path, dnabert_tokenizer=tokenizer)
+    write_index(index, path, chunk_length=300, dnabert_tokenizer=tokenizer)
     for shard in range(3):
         rows = ShardRows(path, shard, "nucleotide")
         ids, sequences = rows()
@@ -90,11 +93,32 @@ def test_dnabert_s_token_ids_are_kept_with_their_tokenizer_and_read_back_per_sha
         np.testing.assert_array_equal(stored.tokens, fresh.tokens)
         assert stored.lengths.tolist() == index.filter(pl.col("shard") == shard)["dnabert_s_tokens"].to_list()
     # Ids made by another tokenizer, or asked for the protein column, are not handed out.
-    other = DnabertSTokenizer(write_tiny_model(tmp_path / "other", seed=1) / "tokenizer.json")
+    other = DnabertSTokenizer(write_tiny_dnabert_s(tmp_path / "other", seed=1) / "tokenizer.json")
     assert ShardRows(path, 0, "nucleotide").tokens(other) is None
     assert ShardRows(path, 0, "protein").tokens(tokenizer) is None
     # The other stages read the index without them.
     assert TOKEN_IDS not in read_index(path).columns
+    assert read_index_provenance(path) == IndexProvenance(chunk_length=300, dnabert_s_tokenizer=tokenizer.digest)
+
+
+def test_the_index_carries_its_chunk_length(tmp_path, t4_frames):
+    index = build_index(t4_frames, num_shards=2)
+    for chunk_length in (300, 500):
+        write_index(index, tmp_path / f"{chunk_length}.parquet", chunk_length=chunk_length)
+        # No token ids kept: no tokenizer digest, even when one is given.
+        assert read_index_provenance(tmp_path / f"{chunk_length}.parquet") == IndexProvenance(chunk_length, None)
+    tokenizer = DnabertSTokenizer(write_tiny_dnabert_s(tmp_path / "dnabert_s") / "tokenizer.json")
+    write_index(index, tmp_path / "no_ids.parquet", chunk_length=300, dnabert_tokenizer=tokenizer)
+    assert read_index_provenance(tmp_path / "no_ids.parquet").dnabert_s_tokenizer is None
+    with pytest.raises(TypeError):
+        write_index(index, tmp_path / "unknown.parquet")  # the chunk length is required
+
+
+def test_an_index_without_its_chunk_length_is_refused(tmp_path, t4_frames):
+    path = tmp_path / "old.parquet"
+    build_index(t4_frames, num_shards=2).write_parquet(path)  # as an older vnp wrote it
+    with pytest.raises(ValueError, match="old.parquet: an index without its chunk length"):
+        read_index_provenance(path)
 
 
 def test_summary_adds_up(t4_frames):
@@ -111,7 +135,7 @@ def test_summary_adds_up(t4_frames):
 def test_parquet_round_trip_is_exact_and_leaves_no_temporary_file(tmp_path, t4_frames):
     index = build_index(t4_frames, num_shards=2)
     path = tmp_path / "sample" / "index.parquet"
-    write_index(index, path)
+    write_index(index, path, chunk_length=300)
     assert read_index(path).equals(index)
     assert [p.name for p in path.parent.iterdir()] == ["index.parquet"]
 

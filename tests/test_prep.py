@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vnp_core.cli import app
+from vnp_assets.cli import app
 from vnp_core.config import PrepConfig
 from vnp_core.fasta import FastaRecord, read_fasta
 from vnp_core.prep import chunk_bounds, fasta_stem, prepare_fasta, prepare_records

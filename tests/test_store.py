@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -138,16 +139,18 @@ def _write_sample(tmp_path: Path, index_ids: list[str], *, esm2_ids=None, dnaber
 def test_merge_puts_both_models_in_index_order(tmp_path):
     index_ids = [f"read{i}_{frame}" for i in range(6) for frame in ("F1", "R2")]
     esm2, dnabert = _write_sample(tmp_path, index_ids)
-    stats = merge_sample(index_ids, esm2, dnabert, tmp_path / "merged.h5", {"chunk_length": 300})
-    assert (stats.sequences, stats.dnabert_s_dim, stats.esm2_dim) == (12, 3, 5)
+    stats = merge_sample(index_ids, {"dnabert_s": dnabert, "esm2": esm2}, tmp_path / "merged.h5", {"chunk_length": 300})
+    assert (stats.sequences, stats.dims["dnabert_s"], stats.dims["esm2"]) == (12, 3, 5)
+    assert list(stats.dims) == ["dnabert_s", "esm2"] and stats.shards == {"dnabert_s": 2, "esm2": 2}
 
     merged = read_merged(tmp_path / "merged.h5")
     assert merged.ids == index_ids
     positions = np.arange(12, dtype=np.float32)[:, None]
-    np.testing.assert_array_equal(merged.esm2, np.repeat(positions, 5, axis=1))
-    np.testing.assert_array_equal(merged.dnabert_s, np.repeat(positions, 3, axis=1))
+    np.testing.assert_array_equal(merged.vectors["esm2"], np.repeat(positions, 5, axis=1))
+    np.testing.assert_array_equal(merged.vectors["dnabert_s"], np.repeat(positions, 3, axis=1))
     assert merged.features().shape == (12, 8)
-    np.testing.assert_array_equal(merged.features()[:, :3], merged.dnabert_s)  # DNABERT-S first
+    np.testing.assert_array_equal(merged.features()[:, :3], merged.vectors["dnabert_s"])  # DNABERT-S first
+    assert list(merged.vectors) == ["dnabert_s", "esm2"] and list(merged.attrs["models"]) == ["dnabert_s", "esm2"]
     assert merged.attrs["chunk_length"] == 300
     assert merged.attrs["esm2.model_name"] == "esm2"
     assert merged.attrs["dnabert_s.dtype"] == "float16"
@@ -168,7 +171,7 @@ def test_merge_names_missing_duplicated_and_extra_ids(tmp_path, change, message)
     index_ids = [f"r{i}" for i in range(10)]
     esm2, dnabert = _write_sample(tmp_path, index_ids, **change)
     with pytest.raises(MergeError, match=message):
-        merge_sample(index_ids, esm2, dnabert, tmp_path / "merged.h5", {})
+        merge_sample(index_ids, {"dnabert_s": dnabert, "esm2": esm2}, tmp_path / "merged.h5", {})
     assert not (tmp_path / "merged.h5").exists()
 
 
@@ -178,16 +181,30 @@ def test_merge_refuses_shards_computed_differently(tmp_path):
     shard = read_embeddings(esm2[1])
     write_embeddings(esm2[1], shard.ids, shard.embeddings, {**shard.attrs, "dtype": "bfloat16"})
     with pytest.raises(MergeError, match="dtype='bfloat16'.*'float16'"):
-        merge_sample(index_ids, esm2, dnabert, tmp_path / "merged.h5", {})
+        merge_sample(index_ids, {"dnabert_s": dnabert, "esm2": esm2}, tmp_path / "merged.h5", {})
 
 
 def test_pt_export_has_the_original_layout(tmp_path):
     index_ids = [f"r{i}" for i in range(5)]
     esm2, dnabert = _write_sample(tmp_path, index_ids)
-    merge_sample(index_ids, esm2, dnabert, tmp_path / "merged.h5", {})
+    merge_sample(index_ids, {"dnabert_s": dnabert, "esm2": esm2}, tmp_path / "merged.h5", {})
     export_merged_to_pt(tmp_path / "merged.h5", tmp_path / "features.pt")
 
     exported = torch.load(tmp_path / "features.pt", weights_only=True)
     assert exported["ids"] == index_ids
     assert exported["data"].dtype == torch.float32
     np.testing.assert_array_equal(exported["data"].numpy(), read_merged(tmp_path / "merged.h5").features())
+
+
+def test_a_merged_file_lists_its_models_and_one_without_the_list_is_refused(tmp_path):
+    index_ids = [f"r{i}" for i in range(4)]
+    esm2, dnabert = _write_sample(tmp_path, index_ids)
+    merge_sample(index_ids, {"esm2": esm2, "dnabert_s": dnabert}, tmp_path / "merged.h5", {})
+    merged = read_merged(tmp_path / "merged.h5")
+    assert list(merged.vectors) == ["esm2", "dnabert_s"]  # the order the shards were given in
+    np.testing.assert_array_equal(merged.features()[:, :5], merged.vectors["esm2"])
+
+    with h5py.File(tmp_path / "merged.h5", "a") as f:
+        del f.attrs["models"]
+    with pytest.raises(ValueError, match="merged.h5: not a vnp merged embeddings file"):
+        read_merged(tmp_path / "merged.h5")

@@ -145,3 +145,21 @@ def test_subset_takes_every_row_when_there_are_few():
     assert select_validation_subset(np.array([5, 3, 9]), 10, seed=0).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="positive"):
         select_validation_subset(np.array([5]), 0, seed=0)
+
+
+def test_reference_embeddings_runs_each_models_reference_on_its_sequences(tmp_path):
+    from vnp_core.config import EmbedConfig, ModelPaths
+    from vnp_core.models.reference import dnabert_s_reference, esm2_reference
+    from vnp_core.tiny_models import write_tiny_dnabert_s, write_tiny_esm2
+    from vnp_core.validate import reference_embeddings
+
+    esm2, dnabert_s = write_tiny_esm2(tmp_path / "esm2_tiny.pt"), write_tiny_dnabert_s(tmp_path / "dnabert_s")
+    models = ModelPaths(embedders={"esm2": esm2, "dnabert_s": dnabert_s}, classifier=tmp_path / "unused.pt")
+    sequences = {"esm2": ["MKVLAG", "MK"], "dnabert_s": ["ACGTACGTAA", "GGGCCCATATAT", "ACGT"]}
+    references = reference_embeddings(models, sequences, EmbedConfig(max_protein_length=3), "cpu")
+
+    assert list(references) == ["dnabert_s", "esm2"]
+    np.testing.assert_array_equal(references["dnabert_s"], dnabert_s_reference(dnabert_s, sequences["dnabert_s"]))
+    # The config's protein length limit reaches the reference: "MKVLAG" is embedded as "MKV".
+    np.testing.assert_array_equal(references["esm2"], esm2_reference(esm2, ["MKV", "MK"], max_residues=None))
+    assert not np.allclose(references["esm2"][0], esm2_reference(esm2, ["MKVLAG"], max_residues=None)[0])

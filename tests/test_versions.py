@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance, evaluate_automation_conditions
 
-from vnp_assets.definitions import build_definitions
+from vnp_assets.platform import build_definitions
 from vnp_assets.partitions import sample_shard_key
 from vnp_assets.versions import asset_code_versions
 from vnp_core.tiny_models import write_tiny_esm2

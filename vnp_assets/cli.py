@@ -12,6 +12,7 @@ do, exit code 1, and the traceback only with `--verbose`.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -109,6 +110,8 @@ embed_app = typer.Typer(help="Embed sequences with one model into an HDF5 file."
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(embed_app, name="embed")
 app.add_typer(models_app, name="models")
+cache_app = typer.Typer(help="The embedding store: what it holds, and pruning it.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 
 @app.callback()
@@ -195,7 +198,7 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, OSError):
         return _one_line(_os_error_text(error))
     text = str(error)
-    if _CAUSE_LINE in text:
+    if _CAUSE_LINE in text or "dagster._core.errors." in text:
         text = _step_failure_text(text)
     line = _one_line(text)
     if isinstance(error, _UNEXPECTED) or not line:
@@ -221,18 +224,16 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def _step_failure_text(text: str) -> str:
-    """From a failed step's error text (`vnp run`'s shard steps): its first line's context and the
-    first cause that is not a Dagster wrapper."""
-    head = text.splitlines()[0].strip()
+    """From the error text of failed steps (`vnp run`'s shard steps): its first line, and the first error
+    in it that is not a Dagster wrapper (the user's error; its own causes come after it)."""
+    lines = text.splitlines()
+    head = lines[0].strip().rstrip(":")
     shard = re.search(r"^(shard \d+ of \S+): ", text, flags=re.MULTILINE)
-    for part in text.split(_CAUSE_LINE)[1:]:
-        first = _one_line(part)
-        found = _QUALIFIED_ERROR.match(first)
-        if found and found.group(1).startswith("dagster"):
-            continue
-        cause = first[found.end():] if found else first
-        where = f"{shard.group(1)}: " if shard else ""
-        return f"{where}{cause} ({head.rstrip(':')})"
+    for line in lines[1:]:
+        found = _QUALIFIED_ERROR.match(line.strip())
+        if found and not found.group(1).startswith("dagster"):
+            cause = re.sub(r"^\[Errno -?\d+\]\s*", "", line.strip()[found.end():])
+            return f"{head}: {shard.group(1) + ': ' if shard else ''}{cause}"
     return text
 
 
@@ -440,6 +441,31 @@ def _check_safetensors(path: Path, option: str) -> None:
                         "download or copy it again") from error
 
 
+def _check_torch_pickles(path: Path, option: str) -> None:
+    """`path`'s (or a model folder's) torch zip archives unpickled now, memory-mapped so their tensors are
+    not read: one that would run code, or is no checkpoint, is refused before `vnp run` starts. (A
+    legacy non-zip file would be read whole: the step that loads it refuses it the same way.)"""
+    import argparse
+    import zipfile
+
+    from vnp_core.models.checkpoint import CheckpointError, load_pickled_tensors
+
+    files = [path] if path.is_file() else [path / "pytorch_model.bin"]
+    for file in files:
+        if not file.is_file():
+            continue
+        if not zipfile.is_zipfile(file):
+            with open(file, "rb") as handle:
+                if handle.read(1) != b"\x80":  # a pickle's first opcode
+                    raise DoorError(f"{option} {file}: not a torch checkpoint (neither a torch zip archive nor a "
+                                    "pickle): give a fair-esm .pt or a Hugging Face model folder")
+            continue
+        try:
+            load_pickled_tensors(file, allowed=[argparse.Namespace], mmap=True)
+        except CheckpointError as error:
+            raise DoorError(f"{option} {_one_line(str(error))}") from error
+
+
 def _check_esm2_model(path: Path, option: str) -> Path:
     """A fair-esm .pt, a Hugging Face ESM-2 folder, or a fair-esm model name in the local torch hub cache;
     returned as an absolute path (a name resolved in the cache)."""
@@ -504,11 +530,11 @@ def _removed_on_error(path: Path) -> Iterator[None]:
         raise
 
 
-def _check_fasta(path: Path, alphabet: str | None = None) -> None:
+def _check_fasta(path: Path) -> None:
     """Every record read and checked (ids, letters, duplicates): a bad file fails before any work starts."""
-    from vnp_core.fasta import NUCLEOTIDE_LETTERS, read_fasta
+    from vnp_core.fasta import read_fasta
 
-    read_fasta(path, alphabet=alphabet or NUCLEOTIDE_LETTERS)
+    read_fasta(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,10 +592,9 @@ def _embed(model_name: str, input: Path, model: Path, out: Path, *, device: str,
     _check_input_file(input, "input")
     model = (_check_esm2_model if model_name == "esm2" else _check_dnabert_s_model)(model, "--model")
     _check_output_file(out, "--out", inputs=(input,))
+    # The engine reads and checks the whole FASTA, then loads the model, before it writes anything.
     from vnp_core.engine import embed_fasta_to_hdf5
-    from vnp_core.models import model_spec
 
-    _check_fasta(input, model_spec(model_name).alphabet)
     # `--compile` compiles whatever the input's size: the user asked for it.
     config = EmbedConfig(device=device, dtype=dtype, max_tokens=max_tokens, max_protein_length=max_protein_length,
                          attention_backend=attention, num_workers=workers, compile_layers=compile_layers,
@@ -653,6 +678,7 @@ def run(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU).")] = None,
     devices: Annotated[Optional[str], typer.Option("--devices", help="Physical GPU ids to use, e.g. 2,3 (default: every GPU).")] = None,
     until: Annotated[str, typer.Option("--until", help="Stop after this stage: sequence_index, embeddings, merged_embeddings, fp16_validation_report or virnucpro_predictions.")] = "virnucpro_predictions",
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Serve known sequences from the embedding store under the home, and add new ones to it.")] = True,
 ) -> None:
     """Materialize one sample through the Dagster asset graph on a local persistent instance.
 
@@ -677,17 +703,73 @@ def run(
         "dnabert_s_model": None if dnabert_s_model is None else _check_dnabert_s_model(dnabert_s_model, "--dnabert-s-model"),
         "classifier": None if classifier is None else _check_classifier(classifier, chunk_length, trust_classifier_pickle),
     }
+    for option, key in (("--esm2-model", "esm2_model"), ("--dnabert-s-model", "dnabert_s_model")):
+        if models[key] is not None:
+            _check_torch_pickles(models[key], option)
     _check_gpus(gpu_ids)
     _check_output_dir(home, "--home")
     _check_fasta(input)
-    # Dagster's definitions, imported with the run, write tiny models under $DAGSTER_HOME: that is `home`.
-    os.environ["DAGSTER_HOME"] = str(home.absolute())
     from vnp_assets.run_sample import run_sample
 
     sample_run = run_sample(input, home=home, until=until, chunk_length=chunk_length, num_shards=shards,
                             **{key: None if path is None else str(path) for key, path in models.items()},
-                            trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, devices=gpu_ids)
+                            trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, devices=gpu_ids,
+                            embedding_cache=cache)
     typer.echo(sample_run.summary())
+
+
+_HOME = typer.Option("--home", help="The home whose embedding store this is (as given to vnp run).")
+
+
+@cache_app.command("stats")
+def cache_stats(
+    home: Annotated[Path, _HOME] = Path("vnp_home"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Per model identity: entries, bytes, hits and misses so far, and when it was last used."""
+    with _embedding_store(home) as store:
+        identities = [{"identity": s.identity.key, "model": s.identity.description, "entries": s.entries,
+                       "bytes": s.size_bytes, "hits": s.hits, "misses": s.misses,
+                       "hit_rate": round(s.hit_rate, 4), "last_used": s.last_used} for s in store.stats()]
+    if as_json:
+        typer.echo(json.dumps({"store": str(_store_dir(home)), "identities": identities}))
+        return
+    typer.echo(f"embedding store {_store_dir(home)}: {len(identities)} model identit{'y' if len(identities) == 1 else 'ies'}")
+    for row in identities:
+        typer.echo(f"{row['identity']}  {row['model']}: {row['entries']:,} entries, {row['bytes']:,} bytes, "
+                   f"{row['hits']:,} hits, {row['misses']:,} misses ({row['hit_rate']:.1%})")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    home: Annotated[Path, _HOME] = Path("vnp_home"),
+    identity: Annotated[Optional[str], typer.Option("--identity", help="Drop this model identity (a key from `vnp cache stats`).")] = None,
+    older_than_days: Annotated[Optional[float], typer.Option("--older-than-days", help="Drop identities unused for this many days.")] = None,
+) -> None:
+    """Drop whole model identities from the embedding store, by key or by age."""
+    if identity is None and older_than_days is None:
+        raise DoorError("vnp cache prune: say what to drop: --identity KEY (see vnp cache stats) or --older-than-days N")
+    _check_at_least("--older-than-days", older_than_days, 0)
+    with _embedding_store(home) as store:
+        known = {s.identity.key for s in store.stats()}
+        if identity is not None and identity not in known:
+            raise DoorError(f"--identity {identity}: no such model identity in {_store_dir(home)}: see vnp cache stats")
+        dropped = store.prune(identity, None if older_than_days is None else older_than_days * 86400)
+    typer.echo(f"dropped {len(dropped)} model identit{'y' if len(dropped) == 1 else 'ies'}: {', '.join(dropped) or 'none'}")
+
+
+def _store_dir(home: Path) -> Path:
+    return home / "storage" / "embedding_cache"
+
+
+@contextmanager
+def _embedding_store(home: Path) -> Iterator:
+    from vnp_core.embedding_cache import EmbeddingCache
+
+    if not (_store_dir(home) / "data.mdb").is_file():
+        raise DoorError(f"--home {home}: no embedding store there ({_store_dir(home)}): run vnp run with this home first")
+    with EmbeddingCache.open(_store_dir(home)) as store:
+        yield store
 
 
 if __name__ == "__main__":

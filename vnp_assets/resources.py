@@ -29,9 +29,16 @@ class SampleStorage(ConfigurableResource):
     inbox_dir: str = Field(description="Folder the inbox sensor watches for *.fa, *.fasta, *.fna (optionally .gz).")
     inbox_settle_seconds: float = Field(
         default=10.0, description="A dropped file is taken only once it has not changed for this long (copies in progress).")
+    embedding_cache: bool = Field(
+        default=True, description="Keep every vector in a store under the storage root and embed each sequence once per model.")
 
     def layout(self, sample: str) -> SampleLayout:
         return SampleLayout(self.samples_dir / sample)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """The embedding store (`vnp_core.embedding_cache`), None when it is turned off."""
+        return Path(self.storage_root) / "embedding_cache" if self.embedding_cache else None
 
     @property
     def samples_dir(self) -> Path:

@@ -161,15 +161,13 @@ def clean_staging(storage: SampleStorage, older_than_s: float = STAGING_MAX_AGE_
     cutoff = time.time() - older_than_s
     try:
         entries = list(os.scandir(storage.staging_dir))
-    except FileNotFoundError:
+    except OSError:  # none yet (or unreadable: registration will say so)
         return removed
     for entry in entries:
         try:
-            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                if entry.is_dir(follow_symlinks=False):
-                    continue  # never made by registration: left alone
-                os.unlink(entry.path)
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff and not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)  # (a folder was never made by registration: left alone)
                 removed.append(entry.name)
-        except FileNotFoundError:
-            pass  # removed meanwhile (a concurrent cleaner)
+        except OSError:
+            pass  # removed meanwhile (a concurrent cleaner), or not ours to remove: a leftover never blocks
     return removed

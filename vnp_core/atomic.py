@@ -51,4 +51,5 @@ def _fsync(path: Path) -> None:
 
 def write_error(path: Path, error: OSError) -> OSError:
     """The same error (ENOSPC stays ENOSPC) with the file the user asked for in its message."""
-    return OSError(error.errno, f"could not write {path}: {error.strerror}")
+    reason = error.strerror or next(iter(str(error).splitlines()), type(error).__name__)
+    return OSError(error.errno, f"could not write {path}: {reason}")

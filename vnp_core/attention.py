@@ -10,6 +10,10 @@ Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly on
 - `flash_attn`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), when installed.
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, fp16/bf16, no bias).
 - `sdpa_padded`: pad to (B, S), one `scaled_dot_product_attention` call with a mask/bias (any device).
+- `sdpa_bucketed`: sequences grouped by length (`length_groups`), each group padded to its own
+  longest and attended in one SDPA call: `sdpa_padded` without padding every sequence to the pack's
+  longest. The CPU's choice: 4-D inputs reach PyTorch's fused CPU kernel. Reads the pack's bounds
+  on the host once per pack.
 - `sdpa_reference`: one SDPA call per sequence (the exact CPU/fp32 reference).
 - `flex`: FlexAttention over the pack with a block-sparse document mask built straight from
   `cu_seqlens`, ALiBi as a `score_mod` (compiled on CUDA; on the CPU it runs uncompiled,
@@ -23,15 +27,27 @@ import inspect
 import logging
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vnp_core.packing import pad_packed, token_layout, unpad
+from vnp_core.packing import length_groups, pad_packed, padded_gather_index, token_layout, unpad
 
 log = logging.getLogger(__name__)
 
+# sdpa_bucketed: a group's shortest sequence grows by at most this share when padded to its longest.
+BUCKET_MAX_PADDING = 0.125
 # FlexAttention's default tile: a query block visits only the key blocks of the sequences it touches.
 FLEX_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Sequences of similar length attended as one padded (n, H, S, D) batch."""
+
+    shape: tuple[int, int]  # (n, S): sequences, padded length
+    gather: torch.Tensor  # (n * S,) the pack's token at each padded slot (padding repeats a real token)
+    mask: torch.Tensor | None  # (n, 1, 1, S) bool key mask, (n or 1, H, S, S) ALiBi bias, or None: no padding, no bias
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,8 @@ class AttentionPlan:
     mask: torch.Tensor | None = None  # sdpa_padded: (B, 1, 1, S) bool, or (B, H, S, S) ALiBi bias with -inf pads
     block_mask: object | None = None  # flex: a BlockMask
     bounds: tuple[int, ...] = ()  # sdpa_reference: cu_seqlens on the host
+    buckets: tuple[Bucket, ...] = ()  # sdpa_bucketed
+    unbucket: torch.Tensor | None = None  # sdpa_bucketed: (T,) each token's row in the buckets' outputs, concatenated
 
 
 def alibi_bias(slopes: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -63,6 +81,29 @@ def padded_attention_mask(cu_seqlens: torch.Tensor, max_seqlen: int, dtype: torc
     if alibi_slopes is None:
         return key_mask  # (B, 1, 1, S)
     return alibi_bias(alibi_slopes, max_seqlen, dtype)[None].masked_fill(~key_mask, float("-inf"))
+
+
+def length_buckets(cu_seqlens: torch.Tensor, dtype: torch.dtype, alibi_slopes: torch.Tensor | None,
+                   max_padding: float = BUCKET_MAX_PADDING) -> tuple[tuple[Bucket, ...], torch.Tensor]:
+    """The pack's sequences as buckets of similar length, and where each token's output lands."""
+    cu = cu_seqlens.cpu().numpy().astype(np.int64)
+    starts, lengths = cu[:-1], np.diff(cu)
+    device = cu_seqlens.device
+    buckets, unbucket, offset = [], np.empty(cu[-1], dtype=np.int64), 0
+    for group in length_groups(lengths, max_padding):
+        n, s = len(group), int(lengths[group].max())
+        gather = padded_gather_index(starts[group], lengths[group], s)  # (n, S)
+        real = np.arange(s) < lengths[group, None]
+        unbucket[gather[real]] = offset + np.flatnonzero(real)
+        offset += n * s
+        key_mask = None if real.all() else torch.from_numpy(real).to(device)[:, None, None, :]
+        if alibi_slopes is None:
+            mask = key_mask
+        else:
+            mask = alibi_bias(alibi_slopes, s, dtype)[None]
+            mask = mask if key_mask is None else mask.masked_fill(~key_mask, float("-inf"))
+        buckets.append(Bucket((n, s), torch.from_numpy(gather.reshape(-1)).to(device), mask))
+    return tuple(buckets), torch.from_numpy(unbucket).to(device)
 
 
 def document_block_mask(cu_seqlens: torch.Tensor, tokens: int, block: int = FLEX_BLOCK):
@@ -107,6 +148,9 @@ def plan_attention(backend: str, cu_seqlens: torch.Tensor, tokens: int, max_seql
         return replace(plan, block_mask=document_block_mask(cu_seqlens, tokens))
     if backend == "sdpa_reference":
         return replace(plan, bounds=tuple(cu_seqlens.tolist()))
+    if backend == "sdpa_bucketed":
+        buckets, unbucket = length_buckets(cu_seqlens, dtype, alibi_slopes)
+        return replace(plan, buckets=buckets, unbucket=unbucket)
     return plan
 
 
@@ -145,6 +189,15 @@ def _sdpa_padded(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
     return unpad(out.transpose(1, 2), plan.layout)
 
 
+def _sdpa_bucketed(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    outs = []
+    for bucket in plan.buckets:
+        qb, kb, vb = (t.index_select(0, bucket.gather).unflatten(0, bucket.shape).transpose(1, 2) for t in (q, k, v))  # (n, H, S, D)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask, scale=scale)
+        outs.append(out.transpose(1, 2).flatten(0, 1))  # (n * S, H, D)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, plan.unbucket)
+
+
 def _sdpa_reference(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
     for a, b in zip(plan.bounds[:-1], plan.bounds[1:]):
@@ -181,6 +234,7 @@ BACKENDS = {
     "flash_attn": _flash_attn,
     "torch_varlen": _torch_varlen,
     "sdpa_padded": _sdpa_padded,
+    "sdpa_bucketed": _sdpa_bucketed,
     "sdpa_reference": _sdpa_reference,
     "flex": _flex,
 }
@@ -218,7 +272,7 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, nee
         elif cuda:
             name = "sdpa_padded"
         else:
-            name = "sdpa_reference"
+            name = "sdpa_bucketed"
     else:
         name = requested
         if name not in BACKENDS:

@@ -10,7 +10,6 @@ Matched against the original `prediction.py` and `train.py` of github.com/Li-Jin
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import types
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vnp_core.atomic import atomic_path
+from vnp_core.models.checkpoint import sha256_files
 
 FRAME_PREDICTIONS_FILE = "prediction_results.txt"
 CHUNK_CALLS_FILE = "prediction_results_highestscore.csv"  # tab-separated, as the original writes it
@@ -116,7 +116,7 @@ def load_classifier(path: Path, *, trusted_pickle: bool = False) -> LoadedClassi
 
     module = _classifier_from_state_dict(state_dict, path)
     return LoadedClassifier(module=module, chunk_length=chunk_length, in_features=module.hidden_layer.in_features,
-                            source=path, weights_sha256=_sha256(path))
+                            source=path, weights_sha256=sha256_files([path]))
 
 
 def _chunk_length_from_name(path: Path) -> int:
@@ -141,33 +141,6 @@ def _classifier_from_state_dict(state_dict: dict[str, torch.Tensor], path: Path)
     except RuntimeError as error:
         raise ValueError(f"{path}: state dict does not fit the VirNucPro classifier: {error}") from error
     return module.eval()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_tiny_classifier(out_dir: Path, *, in_features: int, chunk_length: int, seed: int = 0) -> dict[str, Path]:
-    """A random classifier saved as our state dict file and as a pickled whole module (the original's form)."""
-    with torch.random.fork_rng(devices=[]):  # CPU tensors only: no CUDA context on every GPU
-        torch.manual_seed(seed)
-        module = VirNucProClassifier(in_features)
-        # Non-default BatchNorm statistics, so that a loader that drops the buffers changes the scores.
-        module.bn1.running_mean.normal_()
-        module.bn1.running_var.uniform_(0.5, 2.0)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"state_dict": out_dir / f"{chunk_length}_model.state_dict.pt",
-             "pickled_module": out_dir / f"{chunk_length}_model.pth"}
-    with atomic_path(paths["state_dict"]) as tmp:
-        torch.save({"state_dict": module.state_dict(), "chunk_length": chunk_length}, tmp)
-    with atomic_path(paths["pickled_module"]) as tmp:
-        torch.save(module, tmp)
-    return paths
 
 
 def predict(classifier: LoadedClassifier, ids: Sequence[str], features: np.ndarray, *, chunk_length: int) -> pl.DataFrame:

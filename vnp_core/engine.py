@@ -38,7 +38,7 @@ from vnp_core.config import EmbedConfig
 from vnp_core.fasta import FastaError, read_fasta
 from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized, model_spec
 from vnp_core.packing import PackedBatch, plan_packs, split_batch
-from vnp_core.store import ShardCheckpoint, describe_ids, read_attrs
+from vnp_core.store import ShardCheckpoint, describe_ids, read_attrs, read_embeddings, write_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,15 @@ class EmbedStats:
     load_seconds: float = 0.0
     waited_seconds: float = 0.0
     first_pack_seconds: float = 0.0
+    rows_from_cache: int = 0  # rows whose vectors came from the embedding store (or repeat another row)
 
     def summary(self) -> str:
         if self.resumed_from_rows == self.sequences:
             return f"all {self.sequences:,} sequences were already embedded: nothing to do"
+        if self.rows_from_cache == self.sequences:
+            return f"all {self.sequences:,} sequences came from the embedding store: nothing to embed"
         text = (
-            f"embedded {self.sequences - self.resumed_from_rows:,} sequences ({self.tokens:,} tokens) in "
+            f"embedded {self.sequences - self.resumed_from_rows - self.rows_from_cache:,} sequences ({self.tokens:,} tokens) in "
             f"{self.seconds:.1f} s: {self.sequences_per_s:,.1f} sequences/s, {self.tokens_per_s:,.0f} tokens/s "
             f"on {self.device} ({self.dtype}, {self.attention_backend}{', compiled' if self.compiled else ''}, "
             f"packs of <= {self.max_tokens:,} tokens)"
@@ -120,6 +123,8 @@ class EmbedStats:
             text += f"; first pack done after {self.first_pack_seconds:.1f} s"
         if self.truncated:
             text += f"; {self.truncated:,} inputs truncated"
+        if self.rows_from_cache:
+            text += f"; {self.rows_from_cache:,} of {self.sequences:,} rows from the embedding store"
         return text
 
 
@@ -135,6 +140,9 @@ class ShardJob:
     attrs: dict = field(default_factory=dict)  # written into the shard beside the model's own
     # Picklable; the rows' token ids made earlier (the index's), or None when this tokenizer did not make them.
     tokens: Callable[[SequenceTokenizer], Tokenized | None] | None = None
+    # The embedding store (`vnp_core.embedding_cache`) the job reads its known vectors from and adds its new
+    # ones to; None embeds every row.
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -168,8 +176,12 @@ def embed_shards(jobs: Sequence[ShardJob],
                 ready = loading.popleft().result()
                 waited = time.perf_counter() - waiting
                 report = None if progress is None else partial(progress, job.model)
-                stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
-                                        attrs=job.attrs, progress=report)
+                if job.cache_dir is None:
+                    stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
+                                            attrs=job.attrs, progress=report)
+                else:
+                    stats = embed_with_cache(ready.model, ready.ids, ready.tokenized, job.out, job.config,
+                                             job.cache_dir, attrs=job.attrs, progress=report)
                 outcomes.append(replace(stats, load_seconds=ready.load_seconds, waited_seconds=waited))
                 log.info("%s: %s written after %.1f s on the device", job.model, job.out.name, stats.seconds)
             except Exception as error:  # noqa: BLE001 - one failed job must not lose the others
@@ -303,13 +315,7 @@ def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized
     fingerprint = input_fingerprint(model, ids, tokenized)
     if (done := _complete_shard(out_path, fingerprint)) is not None:
         log.info("%s is already complete: skipped", out_path)
-        if progress is not None:
-            progress(Progress(len(ids), len(ids), 0, time.perf_counter() - start, len(ids)))
-        return EmbedStats(
-            sequences=len(ids), tokens=0, seconds=0.0, tokens_per_s=0.0, sequences_per_s=0.0,
-            truncated=done["truncated"], device=done["device"], dtype=done["dtype"],
-            attention_backend=done["attention_backend"], max_tokens=done["max_tokens"], resumed_from_rows=len(ids),
-        )
+        return _already_complete(done, len(ids), start, progress)
 
     checkpoint = ShardCheckpoint.open(out_path, fingerprint, model.embed_dim)
     try:
@@ -339,6 +345,75 @@ def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized
         sequences_per_s=(len(ids) - resumed) / seconds, truncated=tokenized.truncated, device=str(model.device),
         dtype=_dtype_name(model.dtype), attention_backend=model.attention_backend, max_tokens=max_tokens,
         resumed_from_rows=resumed, first_pack_seconds=first_pack_seconds, compiled=model.compiled,
+    )
+
+
+def embed_with_cache(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized, out_path: Path,
+                     config: EmbedConfig, cache_dir: Path, *, attrs: dict | None = None,
+                     progress: Callable[[Progress], None] | None = None) -> EmbedStats:
+    """`embed_tokenized`, embedding only the sequences the store at `cache_dir` lacks, each distinct one once.
+
+    The rows to embed go through `embed_tokenized` into a shard of their own beside `out_path`, with
+    its checkpoints. The store learns their vectors only once that shard is complete, so a killed
+    run's rerun finds the same rows missing, plans the same packs and resumes bit for bit.
+    """
+    from vnp_core.embedding_cache import EmbeddingCache, sequence_keys
+
+    start, out_path = time.perf_counter(), Path(out_path)
+    fingerprint = input_fingerprint(model, ids, tokenized)
+    if (done := _complete_shard(out_path, fingerprint)) is not None:
+        return _already_complete(done, len(ids), start, progress)
+    identity = model_identity(model)
+    keys = sequence_keys(tokenized.tokens, tokenized.offsets)
+    with EmbeddingCache.open(cache_dir) as cache:
+        found, vectors = cache.lookup(identity, keys)
+    missing = np.flatnonzero(~found)
+    first_row = {}  # each missing sequence's first row: the one embedded
+    for row in missing.tolist():
+        first_row.setdefault(keys[row], row)
+    to_embed = np.fromiter(first_row.values(), dtype=np.int64, count=len(first_row))
+    stats = EmbedStats(sequences=0, tokens=0, seconds=0.0, tokens_per_s=0.0, sequences_per_s=0.0, truncated=0,
+                       device=str(model.device), dtype=_dtype_name(model.dtype), max_tokens=0, resumed_from_rows=0,
+                       attention_backend=model.attention_backend)
+    if len(to_embed):
+        new_rows = out_path.with_name(f"{out_path.stem}.new{out_path.suffix}")
+        stats = embed_tokenized(model, [ids[row] for row in to_embed], tokenized.select(to_embed), new_rows, config,
+                                attrs=attrs, progress=progress)
+        new = read_embeddings(new_rows).embeddings
+        with EmbeddingCache.open(cache_dir) as cache:
+            cache.put(identity, [keys[row] for row in to_embed], new)
+        position = {keys[row]: i for i, row in enumerate(to_embed.tolist())}
+        vectors[missing] = new[[position[keys[row]] for row in missing.tolist()]]
+    with EmbeddingCache.open(cache_dir) as cache:
+        cache.record_use(identity, hits=int(found.sum()), misses=len(to_embed))
+    shard_attrs = {**_shard_attrs(model, tokenized, stats.max_tokens), **(attrs or {}), "fingerprint": fingerprint,
+                   "rows_from_cache": len(ids) - len(to_embed), "cache_identity": identity.key}
+    write_embeddings(out_path, ids, vectors, shard_attrs)
+    if len(to_embed):
+        new_rows.unlink()
+    seconds = time.perf_counter() - start
+    embedded = len(to_embed) - stats.resumed_from_rows
+    return replace(stats, sequences=len(ids), seconds=seconds, truncated=tokenized.truncated,
+                   sequences_per_s=embedded / seconds, rows_from_cache=len(ids) - len(to_embed))
+
+
+def model_identity(model: LoadedModel):
+    """What decides a model's vectors, as the embedding store keys them (its token ids are the row keys)."""
+    from vnp_core.embedding_cache import ModelIdentity
+
+    return ModelIdentity(kind=model.kind, weights_sha256=model.weights_sha256, dtype=_dtype_name(model.dtype),
+                         max_length=None, pooling=model.pooling, dim=model.embed_dim,
+                         code_version=f"vnp {__version__}, {model.attention_backend}, "
+                                      f"tokenizer {hashlib.sha256(model.tokenizer.digest.encode()).hexdigest()[:12]}")
+
+
+def _already_complete(done: dict, rows: int, start: float, progress: Callable[[Progress], None] | None) -> EmbedStats:
+    if progress is not None:
+        progress(Progress(rows, rows, 0, time.perf_counter() - start, rows))
+    return EmbedStats(
+        sequences=rows, tokens=0, seconds=0.0, tokens_per_s=0.0, sequences_per_s=0.0,
+        truncated=done["truncated"], device=done["device"], dtype=done["dtype"],
+        attention_backend=done["attention_backend"], max_tokens=done["max_tokens"], resumed_from_rows=rows,
     )
 
 

@@ -34,7 +34,7 @@ class FastaError(ValueError):
         if record_id is not None:
             where.append(f"record {record_id!r}")
         super().__init__(f"{': '.join(where)}: {problem}")
-        self.path, self.line, self.record_id = path, line, record_id
+        self.path, self.line, self.record_id, self.problem = path, line, record_id, problem
 
 
 class FastaRecord(NamedTuple):
@@ -98,6 +98,8 @@ def iter_records(path: Path, alphabet: str = NUCLEOTIDE_LETTERS) -> Iterator[Fas
                     if header is not None:
                         yield _finish_record(header, header_line, parts, fault)
                     header, header_line, parts, fault = line[1:].decode("utf-8", "replace"), line_number, [], None
+                    if "\ufffd" in header and not _is_utf8(line):
+                        fault = (line_number, "header is not UTF-8 text")
                 elif not line:
                     continue
                 elif header is None:
@@ -106,7 +108,8 @@ def iter_records(path: Path, alphabet: str = NUCLEOTIDE_LETTERS) -> Iterator[Fas
                     raise FastaError(path, problem, line=line_number)
                 else:
                     if fault is None and (bad := line.translate(None, allowed)):
-                        fault = (line_number, f"invalid letter {chr(bad[0])!r} at column {line.index(bad[:1]) + 1}")
+                        letter = repr(chr(bad[0])) if bad[0] < 128 else f"byte 0x{bad[0]:02x} (not ASCII)"
+                        fault = (line_number, f"invalid letter {letter} at column {line.index(bad[:1]) + 1}")
                     parts.append(line)
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
         # The stream broke while the line after the last complete one was being read.
@@ -115,6 +118,14 @@ def iter_records(path: Path, alphabet: str = NUCLEOTIDE_LETTERS) -> Iterator[Fas
     if header is None:
         raise FastaError(path, "empty file" if line_number == 0 else "no FASTA records (only blank lines)")
     yield _finish_record(header, header_line, parts, fault)
+
+
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _open(path: Path) -> BinaryIO:

@@ -5,6 +5,10 @@ exits, however it exits (SIGKILL included), so a crashed step never leaves a GPU
 file would. The work then runs in a process of its own whose `CUDA_VISIBLE_DEVICES` is the leased
 physical id, never a rank or a local index: a fresh one, or a spare that did its imports ahead
 and is given its GPU with its call.
+
+A device process never outlives the process that started it (`exit_with_parent`): killed with
+its parent (even by SIGKILL, which no handler sees), it is killed too, and a rerun finds no orphan
+holding a GPU or writing a shard.
 """
 
 from __future__ import annotations
@@ -171,12 +175,13 @@ def start_spare_device_process(preload: Sequence[str] = ()) -> None:
     the call, which runs in a fresh process instead.
     A spare serves one call; start the next one when its imports will not compete for the CPU with
     work in progress (on a small CPU-only host they slowed the embedding beside them by a fifth to a quarter).
-    A spare leaves when its parent does (its stdin closes); it keeps the environment of its start.
+    A spare leaves when its parent does (its stdin closes; busy, `exit_with_parent` ends it); it keeps the
+    environment of its start.
     """
     global _spare
     with _spare_lock:
         if _spare is None or _spare.poll() is not None:
-            _spare = _launch({"CUDA_VISIBLE_DEVICES": ""}, preload)
+            _spare = _launch({"CUDA_VISIBLE_DEVICES": ""}, preload, spare=True)
 
 
 def stop_spare_device_process() -> None:
@@ -203,9 +208,50 @@ def _send(child: subprocess.Popen, order: dict, *, started_ahead: bool) -> subpr
     return child
 
 
-def _launch(environ: dict[str, str], preload: Sequence[str] = ()) -> subprocess.Popen:
+def _launch(environ: dict[str, str], preload: Sequence[str] = (), *, spare: bool = False) -> subprocess.Popen:
+    # The child dies with this process (`exit_with_parent`). The kernel's parent-death signal follows
+    # the thread that forks: armed for a process this thread waits for (a fresh one), or one started
+    # by the main thread; a spare started by another thread, which may end before the spare's call,
+    # has the watchdog alone.
+    death_signal = not spare or threading.current_thread() is threading.main_thread()
+    parent = {PARENT_PID_ENV: str(os.getpid()), PARENT_DEATH_SIGNAL_ENV: "1" if death_signal else "0"}
     return subprocess.Popen([sys.executable, "-m", "vnp_core.gpu", *preload], stdin=subprocess.PIPE, text=True,
-                            env={**os.environ, **environ})
+                            env={**os.environ, **environ, **parent})
+
+
+# How a device process knows its parent: set by `_launch`, read (and removed) by the child.
+PARENT_PID_ENV = "VNP_DEVICE_PARENT_PID"
+PARENT_DEATH_SIGNAL_ENV = "VNP_DEVICE_PARENT_DEATH_SIGNAL"
+PR_SET_PDEATHSIG = 1
+# How often the watchdog of `exit_with_parent` looks at the parent.
+PARENT_POLL_SECONDS = 0.5
+
+
+def exit_with_parent(parent_pid: int, *, death_signal: bool = True) -> None:
+    """Make this process die as soon as its parent `parent_pid` has, however it died (SIGKILL included).
+
+    Two ways, both cheap: the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG, SIGKILL)`, Linux;
+    `death_signal=False` where the forking thread of the parent may end before the parent), and a
+    daemon thread that notices the parent is gone (this process re-parented) within
+    `PARENT_POLL_SECONDS`. A parent already gone by the time this runs ends this process at once.
+    Called first thing in device processes and in `vnp run`'s shard workers: a killed run leaves no
+    orphan computing on a GPU or holding a lease.
+    """
+    if death_signal and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the watchdog alone
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)  # no teardown: the parent that would take the result is gone
+
+    threading.Thread(target=watch, name="vnp-parent-watchdog", daemon=True).start()
 
 
 def _device_process_main(preload: Sequence[str]) -> None:
@@ -263,6 +309,9 @@ def _cuda_driver_started() -> bool:
 
 
 if __name__ == "__main__":
+    if PARENT_PID_ENV in os.environ:  # not set when run by hand
+        exit_with_parent(int(os.environ.pop(PARENT_PID_ENV)),
+                         death_signal=os.environ.pop(PARENT_DEATH_SIGNAL_ENV, "1") == "1")
     _device_process_main(sys.argv[1:])
     # The result is on disk: leave without the interpreter's teardown (freeing a 3B model's weights,
     # stopping torch.compile's worker pool), which the step would otherwise wait for.

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from vnp_core.atomic import publish, temporary_path
+from vnp_core.atomic import publish, temporary_path, write_error
 from vnp_core.config import PrepConfig
 from vnp_core.fasta import BadRecord, FastaRecord, read_fasta
 
@@ -118,10 +118,7 @@ def prepare_fasta(input: Path, out_dir: Path, config: PrepConfig) -> PrepResult:
     """Write VirNucPro's three files for `input` into `out_dir`: all of them, or none on any error."""
     fasta = read_fasta(input, skip_bad_records=config.skip_bad_records)
     prepared = prepare_records(fasta.records, config)
-    stem = fasta_stem(input)
-    chunked = out_dir / f"{stem}_chunked{config.chunk_length}.fa"
-    nucleotide = out_dir / f"{stem}_identified_nucleotide.fa"
-    protein = out_dir / f"{stem}_identified_protein.faa"
+    chunked, nucleotide, protein = (out_dir / name for name in output_names(fasta_stem(input), config.chunk_length))
     chunks, frames = prepared.chunks, prepared.frames
     _write_all_or_nothing({
         chunked: _fasta_texts(chunks, "chunk_id", _wrapped(pl.col("sequence"))),
@@ -130,6 +127,11 @@ def prepare_fasta(input: Path, out_dir: Path, config: PrepConfig) -> PrepResult:
     })
     return PrepResult(input, config.chunk_length, len(fasta.records), fasta.skipped, chunks.height,
                       prepared.chunks_without_kept_frame, frames, chunked, nucleotide, protein)
+
+
+def output_names(stem: str, chunk_length: int) -> tuple[str, str, str]:
+    """The names of VirNucPro's three files for an input of this stem: chunks, kept nucleotides, kept proteins."""
+    return f"{stem}_chunked{chunk_length}.fa", f"{stem}_identified_nucleotide.fa", f"{stem}_identified_protein.faa"
 
 
 def fasta_stem(path: Path) -> str:
@@ -232,6 +234,7 @@ def _write_all_or_nothing(texts: dict[Path, Iterable[str]]) -> None:
     """Write each file under a temporary name; rename them once every one is complete, or keep none."""
     temporary: dict[Path, Path] = {}
     renamed: list[Path] = []
+    path = next(iter(texts), Path("."))
     try:
         for path, lines in texts.items():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,9 +244,11 @@ def _write_all_or_nothing(texts: dict[Path, Iterable[str]]) -> None:
         for path, written in temporary.items():
             publish(written, path)
             renamed.append(path)
-    except BaseException:
-        for path in renamed:  # the set would be half new, half old: keep none of it
-            path.unlink()
+    except BaseException as error:
+        for done in renamed:  # the set would be half new, half old: keep none of it
+            done.unlink()
+        if isinstance(error, OSError) and error.errno is not None:
+            raise write_error(path, error) from error  # ENOSPC stays ENOSPC, and names the file
         raise
     finally:
         for written in temporary.values():

@@ -27,7 +27,7 @@ ID_DTYPE = h5py.string_dtype("utf-8")
 # A merged file's attribute listing its models' datasets, in classifier feature order.
 MODELS_ATTR = "models"
 # Attributes that describe one shard's run rather than the model run as a whole.
-PER_SHARD_ATTRS = ("fingerprint", "device", "max_tokens", "truncated")
+PER_SHARD_ATTRS = ("fingerprint", "device", "max_tokens", "truncated", "rows_from_cache")
 
 
 class MergeError(ValueError):

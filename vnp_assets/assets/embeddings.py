@@ -74,7 +74,8 @@ def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsD
         for model in selected:
             layout.embeddings(model, shard).parent.mkdir(parents=True, exist_ok=True)
             jobs.append(ShardJob(model, paths.embedders[model], rows[model], layout.embeddings(model, shard), config,
-                                 {"sample": sample, "chunk_length": processing.chunk_length}, tokens=rows[model].tokens))
+                                 {"sample": sample, "chunk_length": processing.chunk_length}, tokens=rows[model].tokens,
+                                 cache_dir=storage.cache_dir))
         outcomes, where = gpus.run_on_gpu(embed_shards, jobs, log=context.log, with_progress=True)
 
         failed = []
@@ -105,6 +106,9 @@ def _stats_metadata(stats, where: str) -> dict:
         "seconds": stats.seconds,
         "tokens_per_s": stats.tokens_per_s,
         "resumed_rows": stats.resumed_from_rows,
+        "rows_from_store": stats.rows_from_cache,
+        "rows_embedded": stats.sequences - stats.rows_from_cache - stats.resumed_from_rows,
+        "store_hit_rate": stats.rows_from_cache / max(1, stats.sequences),
         "model_load_seconds": stats.load_seconds,
         "compiled_layers": stats.compiled,
         "device_waited_seconds": stats.waited_seconds,

@@ -38,6 +38,12 @@ class Tokenized:
     def sequence(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
+    def select(self, rows: np.ndarray) -> Tokenized:
+        """The sequences at `rows`, in that order (truncations are not tracked per row)."""
+        lengths = self.lengths[rows]
+        shift = self.offsets[:-1][rows] - (np.cumsum(lengths) - lengths)  # where each sequence starts, minus where it lands
+        return Tokenized(self.tokens[np.arange(int(lengths.sum())) + np.repeat(shift, lengths)], lengths, truncated=0)
+
     def batch(self, indices: Sequence[int]) -> PackedBatch:
         return make_batch([self.sequence(i) for i in indices], indices)
 

@@ -1,0 +1,86 @@
+"""The platform as Dagster sees it: the resources a user's settings make, and the definitions built on them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    ConfigurableResource,
+    DefaultSensorStatus,
+    Definitions,
+    define_asset_job,
+)
+
+from vnp_assets.assets import build_assets
+from vnp_assets.resources import GpuPool, ModelSet, SampleProcessing, SampleStorage
+from vnp_assets.sensors import fasta_inbox_sensor
+from vnp_assets.versions import asset_code_versions
+
+# Resource key -> class: the capabilities the assets ask for by these names.
+RESOURCES: dict[str, type[ConfigurableResource]] = {
+    "storage": SampleStorage, "processing": SampleProcessing, "models": ModelSet, "gpus": GpuPool,
+}
+
+# Evaluates the assets' automation conditions, so a sample flows on by itself after its index.
+automation_sensor = AutomationConditionSensorDefinition(
+    "vnp_automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Carries each sample on from its index: shards, merge, validation report and calls, "
+                "each once its inputs are new and their blocking checks passed.")
+
+
+class SettingsError(ValueError):
+    """Settings that name no field, or a value a field refuses (the message says which)."""
+
+
+def resources_from_settings(settings: Mapping[str, Any], home: Path) -> dict[str, ConfigurableResource]:
+    """The resources of a home and a user's flat settings (VNP_SETTINGS's fields), each field routed to
+    the one resource that has it. The shard count, which shapes the partitions, is fixed here."""
+    defaults = {"storage_root": str(home / "storage"), "inbox_dir": str(home / "inbox"),
+                "tiny_models_dir": str(home / "storage" / "tiny_models")}
+    settings = {**defaults, **settings}
+    owner = {name: key for key, cls in RESOURCES.items() for name in cls.model_fields}
+    if unknown := sorted(set(settings) - set(owner)):
+        raise SettingsError(f"unknown setting(s) {', '.join(unknown)}: the settings are {', '.join(sorted(owner))}")
+    fields: dict[str, dict] = {key: {} for key in RESOURCES}
+    for name, value in settings.items():
+        fields[owner[name]][name] = value
+    try:
+        resources = {key: cls(**fields[key]) for key, cls in RESOURCES.items()}
+        if "num_shards" not in settings or settings["num_shards"] is None:
+            shards = max(1, len(resources["gpus"].usable_devices))  # one per GPU by default
+            resources["processing"] = SampleProcessing(**{**fields["processing"], "num_shards": shards})
+        resources["processing"].prep_config()  # each refuses a bad value with a sentence
+        resources["processing"].validation_config()
+        resources["models"].embed_config("cuda")
+    except Exception as error:  # pydantic's ValidationError, or a device list this host lacks
+        raise SettingsError(" ".join(str(error).split())) from error
+    return resources
+
+
+def build_definitions(resources: Mapping[str, ConfigurableResource]) -> Definitions:
+    storage, processing, models = resources["storage"], resources["processing"], resources["models"]
+    models.write_tiny_models_if_used()  # the one place the placeholders are made
+    assets = build_assets(processing.num_shards, asset_code_versions(storage, processing, models))
+    return Definitions(
+        assets=assets,
+        jobs=sample_jobs(),
+        sensors=[fasta_inbox_sensor, automation_sensor],
+        resources=dict(resources),
+    )
+
+
+def sample_jobs():
+    """Named jobs, so a run says what it is for and the GraphQL API can launch one by name."""
+    return [
+        define_asset_job("index_sample", AssetSelection.groups("prep"),
+                         description="Prep and index one sample (a partition of `samples`)."),
+        define_asset_job("embed_shard", AssetSelection.groups("embeddings") - AssetSelection.assets("merged_embeddings"),
+                         description="Both models over one sample x shard partition, on one leased GPU."),
+        define_asset_job("finish_sample", AssetSelection.assets("merged_embeddings").downstream(),
+                         description="Merge a sample's shards, validate against fp32 and make the calls."),
+    ]
