@@ -679,6 +679,8 @@ def run(
     devices: Annotated[Optional[str], typer.Option("--devices", help="Physical GPU ids to use, e.g. 2,3 (default: every GPU).")] = None,
     until: Annotated[str, typer.Option("--until", help="Stop after this stage: sequence_index, embeddings, merged_embeddings, fp16_validation_report or virnucpro_predictions.")] = "virnucpro_predictions",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Serve known sequences from the embedding store under the home, and add new ones to it.")] = True,
+    executor: Annotated[str, typer.Option("--executor", help="local (this host's GPUs) or ray (one GPU of a Ray cluster per step).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: ray://HOST:10001, or HOST:6379 on a node of the cluster.")] = None,
 ) -> None:
     """Materialize one sample through the Dagster asset graph on a local persistent instance.
 
@@ -692,6 +694,9 @@ def run(
         _check_choice("--dtype", dtype, DTYPES)
     gpu_ids = None if devices is None else _device_list(devices)
     _check_choice("--until", until, RUN_STAGES)
+    _check_choice("--executor", executor, ("local", "ray"))
+    if (executor == "ray") != (ray_address is not None):
+        raise DoorError("--executor ray and --ray-address HOST:PORT go together: give both, or neither for this host's GPUs")
     from vnp_assets.samples import sample_name
 
     _check_input_file(input, "input")
@@ -714,7 +719,7 @@ def run(
     sample_run = run_sample(input, home=home, until=until, chunk_length=chunk_length, num_shards=shards,
                             **{key: None if path is None else str(path) for key, path in models.items()},
                             trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, devices=gpu_ids,
-                            embedding_cache=cache)
+                            embedding_cache=cache, executor=executor, ray_address=ray_address)
     typer.echo(sample_run.summary())
 
 

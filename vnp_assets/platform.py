@@ -52,7 +52,7 @@ def resources_from_settings(settings: Mapping[str, Any], home: Path) -> dict[str
     try:
         resources = {key: cls(**fields[key]) for key, cls in RESOURCES.items()}
         if "num_shards" not in settings or settings["num_shards"] is None:
-            shards = max(1, len(resources["gpus"].usable_devices))  # one per GPU by default
+            shards = max(1, resources["gpus"].slot_count)  # one per GPU by default
             resources["processing"] = SampleProcessing(**{**fields["processing"], "num_shards": shards})
         resources["processing"].prep_config()  # each refuses a bad value with a sentence
         resources["processing"].validation_config()

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from logging import Logger
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
@@ -118,8 +118,15 @@ class GpuPool(ConfigurableResource):
     lock_dir: str = Field(
         default="/tmp/vnp-gpu-locks", description="Lock files of the per-GPU leases: shared by every run on the host.")
     lease_timeout_s: float = Field(default=24 * 3600.0, description="How long a step waits for a free GPU.")
+    executor: Literal["local", "ray"] = Field(
+        default="local", description="local: this host's GPUs, leased; ray: one GPU of the Ray cluster at ray_address per step.")
+    ray_address: str | None = Field(
+        default=None, description="ray://HOST:10001 (Ray Client) or HOST:6379 (the head's GCS, when Dagster runs on a cluster node).")
+    ray_device: Literal["cuda", "cpu"] = Field(
+        default="cuda", description="What a Ray step's models run on: its GPU; cpu only for clusters of fake GPU slots (tests).")
 
     _discovered: list[int] | None = PrivateAttr(default=None)
+    _ray: Any = PrivateAttr(default=None)
 
     @property
     def usable_devices(self) -> list[int]:
@@ -143,14 +150,40 @@ class GpuPool(ConfigurableResource):
         return GpuLease(devices, Path(self.lock_dir), timeout=self.lease_timeout_s) if devices else nullcontext()
 
     @property
+    def slot_count(self) -> int:
+        """GPU steps that can run at once: the size of Dagster's `gpu` pool, and the default shard count."""
+        if self.executor == "ray":
+            from vnp_assets.ray_execution import ray_gpu_count
+
+            return ray_gpu_count(self.ray_address)
+        return len(self.usable_devices)
+
+    @property
     def torch_device(self) -> str:
-        """What a step's models run on: "cuda" (inside its process, the one leased GPU) or "cpu" on a host without GPUs."""
+        """What a step's models run on: "cuda" (inside its process, the one GPU it got) or "cpu" without GPUs."""
+        if self.executor == "ray":
+            return self.ray_device
         return "cuda" if self.usable_devices else "cpu"
 
+    @property
+    def ray_cluster(self):
+        """The Ray cluster at `ray_address` (`vnp_assets.ray_execution.RayGpuCluster`), connected on first use."""
+        if self._ray is None:
+            from vnp_assets.ray_execution import RayGpuCluster
+
+            if not self.ray_address:
+                raise ValueError("executor: ray needs ray_address (ray://HOST:10001, or HOST:6379 on a node of the cluster)")
+            self._ray = RayGpuCluster(address=self.ray_address, lock_dir=self.lock_dir, lock_timeout_s=self.lease_timeout_s,
+                                      gpu_wait_timeout_s=self.lease_timeout_s)
+        return self._ray
+
     def run_on_gpu(self, fn: Callable[..., Any], /, *args, log: Logger, with_progress: bool = False,
-                   **kwargs) -> tuple[Any, str]:
-        """`fn(*args, **kwargs)` in a process bound to one leased GPU (no GPU on a host without one);
-        its result and where it ran. `with_progress`: `fn` also takes a `progress` callback, logged to `log`."""
+                   label: str | None = None, **kwargs) -> tuple[Any, str]:
+        """`fn(*args, **kwargs)` in a process bound to one GPU: leased on this host, or granted by the Ray
+        cluster (no GPU on a host without one); its result and where it ran. `with_progress`: `fn` also
+        takes a `progress` callback, logged to `log`. `label` names the step in a Ray worker's failure."""
+        if self.executor == "ray":
+            return self.ray_cluster.run_on_gpu(fn, *args, log=log, label=label, with_progress=with_progress, **kwargs)
         from vnp_assets.progress import run_logging_progress
         from vnp_core.gpu import run_in_device_process
 

@@ -76,7 +76,8 @@ def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsD
             jobs.append(ShardJob(model, paths.embedders[model], rows[model], layout.embeddings(model, shard), config,
                                  {"sample": sample, "chunk_length": processing.chunk_length}, tokens=rows[model].tokens,
                                  cache_dir=storage.cache_dir))
-        outcomes, where = gpus.run_on_gpu(embed_shards, jobs, log=context.log, with_progress=True)
+        outcomes, where = gpus.run_on_gpu(embed_shards, jobs, log=context.log, with_progress=True,
+                                          label=f"shard {shard} of {sample}")
 
         failed = []
         for model, outcome in zip(selected, outcomes, strict=True):
