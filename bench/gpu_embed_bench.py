@@ -451,8 +451,9 @@ def main() -> None:
     record("command", " ".join(sys.argv))
     record("commit", args.commit)
     record("gpu", torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke)")
+    from importlib.metadata import version
     record("versions", {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                        "transformers": transformers.__version__})
+                        "transformers": transformers.__version__, "fair-esm": version("fair-esm")})
     args.workdir.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
     try:

@@ -25,7 +25,7 @@ def test_definitions_hold_every_asset_check_and_sensor() -> None:
     from vnp_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
-    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == ASSETS
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {*ASSETS, "inbox_rejected_drops"}
     assert {(check.asset_key.to_user_string(), check.name) for check in graph.asset_check_keys} == {
         *((f"{model}_embeddings", check) for model in ("esm2", "dnabert_s") for check in SHARD_CHECKS),
         ("fp16_validation_report", "cosine_thresholds"),
@@ -40,7 +40,8 @@ def test_definitions_hold_every_asset_check_and_sensor() -> None:
     assert defs.resources["processing"].num_shards == 1
     # Named jobs, so runs say what they are for; groups, so the UI shows the stages.
     assert {job.name for job in defs.jobs} >= {"index_sample", "embed_shard", "finish_sample"}
-    assert {graph.get(key).group_name for key in graph.get_all_asset_keys()} == {"prep", "embeddings", "validation", "calls"}
+    assert {graph.get(key).group_name for key in graph.get_all_asset_keys()} == {"prep", "embeddings", "validation", "calls",
+                                                                                 "inbox"}
     assert all(sensor.description for sensor in defs.sensors)
 
 

@@ -115,7 +115,7 @@ app.add_typer(cache_app, name="cache")
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level; on an error, also print its traceback.")] = False) -> None:
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level (vnp run: each step's log as it runs); on an error, also print its traceback.")] = False) -> None:
     VnpGroup.verbose = verbose
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -719,7 +719,9 @@ def run(
     sample_run = run_sample(input, home=home, until=until, chunk_length=chunk_length, num_shards=shards,
                             **{key: None if path is None else str(path) for key, path in models.items()},
                             trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, devices=gpu_ids,
-                            embedding_cache=cache, executor=executor, ray_address=ray_address)
+                            embedding_cache=cache, executor=executor, ray_address=ray_address,
+                            # Dagster's step log, progress and failures with their stack traces: with --verbose.
+                            console_log_level="INFO" if VnpGroup.verbose else "CRITICAL")
     typer.echo(sample_run.summary())
 
 

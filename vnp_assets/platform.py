@@ -17,7 +17,7 @@ from dagster import (
 
 from vnp_assets.assets import build_assets
 from vnp_assets.resources import GpuPool, ModelSet, SampleProcessing, SampleStorage
-from vnp_assets.sensors import fasta_inbox_sensor
+from vnp_assets.sensors import REJECTED_DROPS, fasta_inbox_sensor
 from vnp_assets.versions import asset_code_versions
 
 # Resource key -> class: the capabilities the assets ask for by these names.
@@ -67,7 +67,7 @@ def build_definitions(resources: Mapping[str, ConfigurableResource]) -> Definiti
     models.write_tiny_models_if_used()  # the one place the placeholders are made
     assets = build_assets(processing.num_shards, asset_code_versions(storage, processing, models))
     return Definitions(
-        assets=assets,
+        assets=[*assets, REJECTED_DROPS],
         jobs=sample_jobs(),
         sensors=[fasta_inbox_sensor, automation_sensor],
         resources=dict(resources),

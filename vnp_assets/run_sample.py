@@ -20,6 +20,7 @@ Two `vnp run` of one sample at once: the second refuses at once (`sample_lock`).
 from __future__ import annotations
 
 import fcntl
+import json
 import multiprocessing
 import os
 import shutil
@@ -32,11 +33,11 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, materialize
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
 
-from vnp_assets.assets import build_assets
-from vnp_assets.definitions import resources_from_settings
+from vnp_assets.platform import RESOURCES, build_definitions, resources_from_settings
 from vnp_assets.partitions import sample_shard_key
+from vnp_assets.resources import SampleStorage
 from vnp_assets.samples import clean_staging, register_sample, sample_name
 from vnp_core.gpu import exit_with_parent, start_spare_device_process
 from vnp_core.models import MODELS
@@ -45,7 +46,9 @@ INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 # Step progress and warnings on the terminal; Dagster's DEBUG events stay in the instance's event log.
 # What `vnp run` materializes, in order; `until` stops after one of them ("embeddings": every shard).
 STAGES = ("sequence_index", "embeddings", "merged_embeddings", "fp16_validation_report", "virnucpro_predictions")
-CONSOLE_AT_INFO = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+def console_at(level: str) -> dict:
+    """Run config for the console logger: INFO shows each step's progress (and a failure's stack trace)."""
+    return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
 @dataclass
@@ -71,9 +74,10 @@ class SampleRun:
 
 
 def run_sample(input: Path, *, home: Path = Path("vnp_home"), until: str = "virnucpro_predictions",
-               **settings) -> SampleRun:
-    """Materializes `input` as one sample up to the stage `until` (one of `STAGES`). `settings`: the
-    flat settings of `definitions.resources_from_settings` (chunk_length, num_shards, esm2_model, devices...)."""
+               console_log_level: str = "INFO", **settings) -> SampleRun:
+    """Materializes `input` as one sample up to the stage `until` (one of `STAGES`), through the named jobs
+    (`index_sample`, `embed_shard`, `finish_sample`). `settings`: the flat settings of
+    `platform.resources_from_settings` (chunk_length, num_shards, esm2_model, devices, executor...)."""
     if until not in STAGES:
         raise ValueError(f"until={until!r}: expected one of {', '.join(STAGES)}")
     input, home = Path(input), Path(home).resolve()
@@ -84,23 +88,24 @@ def run_sample(input: Path, *, home: Path = Path("vnp_home"), until: str = "virn
         raise FileNotFoundError(f"{input}: no such file")
     resources = resources_from_settings({key: value for key, value in settings.items() if value is not None}, home)
     with sample_lock(resources["storage"], name):
-        return _run_sample_locked(input, name, home, until, resources)
+        return _run_sample_locked(input, name, home, until, resources, console_at(console_log_level))
 
 
-def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources: dict) -> SampleRun:
+def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources: dict, console: dict) -> SampleRun:
     storage, processing, models, gpus = (resources[key] for key in ("storage", "processing", "models", "gpus"))
-    models.write_tiny_models_if_used()
+    defs = build_definitions(resources)
     instance = local_instance(home)
     reclaim_dead_runs(instance)
-    if "gpu" not in instance.event_log_storage.get_concurrency_keys():
-        # Sized once: the same home serves `dagster dev`, whose runs queue their GPU steps on this pool.
-        instance.event_log_storage.set_concurrency_slots("gpu", max(1, len(gpus.usable_devices)))
+    slots = max(1, gpus.slot_count)
+    if gpus.executor == "ray" or "gpu" not in instance.event_log_storage.get_concurrency_keys():
+        # Sized once for this host (the same home serves `dagster dev`, whose runs queue their GPU steps on
+        # this pool); from the cluster on every run with Ray, whose GPUs come and go.
+        instance.event_log_storage.set_concurrency_slots("gpu", slots)
     clean_staging(storage)
     sample, _ = register_sample(input, name, storage, set(instance.get_dynamic_partitions("samples")))
     instance.add_dynamic_partitions("samples", [sample])
 
     run = SampleRun(sample, input, processing.num_shards, models.tiny_models_used())
-    assets = build_assets(processing.num_shards)
     fields = resource_fields(resources)
 
     def stage(label: str, work: Callable[..., object], *args) -> None:
@@ -109,15 +114,16 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
         run.stage_seconds[label] = time.perf_counter() - start
 
     def materialize_sample(asset: str) -> None:
-        materialize(assets, selection=[asset], partition_key=sample, resources=resources, instance=instance,
-                    run_config=CONSOLE_AT_INFO, tags=process_tags())
+        job = "index_sample" if asset == "sequence_index" else "finish_sample"
+        defs.resolve_job_def(job).execute_in_process(partition_key=sample, asset_selection=[AssetKey(asset)],
+                                                     instance=instance, run_config=console, tags=process_tags())
 
-    worker_count = max(1, len(gpus.usable_devices))
-    with shard_workers(gpus.devices, worker_count, home) as workers:
+    worker_count = slots
+    with shard_workers(gpus.devices if gpus.executor == "local" else [], worker_count, home) as workers:
         stage("sequence_index", materialize_sample, "sequence_index")
         if until != "sequence_index":
             stage(f"embeddings ({processing.num_shards} steps of {len(MODELS)} models)", embed_all_shards, workers,
-                  worker_count, home, fields, sample)
+                  worker_count, home, fields, sample, console)
     if STAGES.index(until) >= STAGES.index("fp16_validation_report"):
         from vnp_core.validate import REFERENCE_MODULES
 
@@ -189,11 +195,11 @@ def worker_instance(home: str) -> DagsterInstance:
 
 
 def embed_all_shards(workers: ProcessPoolExecutor, worker_count: int, home: Path, resource_fields: dict[str, dict],
-                     sample: str) -> None:
+                     sample: str, console: dict) -> None:
     # The workers take the shards in order: a shard more than a worker count from the end has another after it.
     num_shards = resource_fields["processing"]["num_shards"]
     step_to_come = num_shards - worker_count
-    outcomes = [workers.submit(materialize_shard, str(home), resource_fields, sample, shard,
+    outcomes = [workers.submit(materialize_shard, str(home), resource_fields, sample, shard, console=console,
                                spare_after=shard < step_to_come)
                 for shard in range(num_shards)]
     if failures := [failure for outcome in outcomes if (failure := outcome.result()) is not None]:
@@ -201,25 +207,28 @@ def embed_all_shards(workers: ProcessPoolExecutor, worker_count: int, home: Path
 
 
 def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, shard: int,
-                      models: Sequence[str] = tuple(MODELS), *, spare_after: bool = False) -> str | None:
-    """In a worker process: one shard's embedding step, recorded in the instance at `home`. Its error text if it failed.
+                      models: Sequence[str] = tuple(MODELS), *, console: dict | None = None,
+                      spare_after: bool = False) -> str | None:
+    """In a worker process: one shard's `embed_shard` run, recorded in the instance at `home`. Its error text if it failed.
 
     `spare_after`: start a spare device process once the step is done, for the worker's next step.
     """
-    from vnp_assets.definitions import RESOURCES
-
-    resources = {key: RESOURCES[key](**fields) for key, fields in resource_fields.items()}
-    result = materialize(build_assets(resource_fields["processing"]["num_shards"]),
-                         selection=[f"{model}_embeddings" for model in models],
-                         partition_key=sample_shard_key(sample, shard), resources=resources,
-                         instance=worker_instance(home), run_config=CONSOLE_AT_INFO, raise_on_error=False,
-                         tags=process_tags())
+    result = worker_definitions(json.dumps(resource_fields, sort_keys=True)).resolve_job_def("embed_shard").execute_in_process(
+        partition_key=sample_shard_key(sample, shard), asset_selection=[AssetKey(f"{model}_embeddings") for model in models],
+        instance=worker_instance(home), run_config=console or console_at("INFO"), raise_on_error=False,
+        tags=process_tags())
     if spare_after:
         start_spare_device_process(_spare_imports)
     if result.success:
         return None
     errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
     return f"shard {shard} of {sample}: " + "\n".join(errors)
+
+
+@cache
+def worker_definitions(fields_json: str) -> Definitions:
+    """The definitions of `materialize_shard`'s resource fields (as JSON), built once per worker process."""
+    return build_definitions({key: RESOURCES[key](**fields) for key, fields in json.loads(fields_json).items()})
 
 
 # Run tags: which process executes a run, so that a later `vnp run` can tell a dead run from a live one.
@@ -282,7 +291,7 @@ class SampleBusyError(ValueError):
 
 
 @contextmanager
-def sample_lock(storage, name: str) -> Iterator[None]:
+def sample_lock(storage: SampleStorage, name: str) -> Iterator[None]:
     """Held while one `vnp run` processes sample `name` (an flock, dropped by the kernel if the run is killed);
     `SampleBusyError` at once if another run holds it."""
     locks = storage.samples_dir / ".locks"
@@ -293,11 +302,10 @@ def sample_lock(storage, name: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 20, 0).decode(errors="replace").strip() or "unknown"
             raise SampleBusyError(f"sample {name} is being processed by another vnp run (pid {holder}): "
                                   "wait for it or stop it") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, f"{os.getpid():<20}".encode(), 0)  # one fixed-width write: never read half done
         yield
     finally:
         os.close(fd)  # drops the flock

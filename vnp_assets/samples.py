@@ -29,6 +29,8 @@ class RejectedDrop(ValueError):
     """A file that cannot become a sample (not a regular file, unreadable, a name the storage refuses...):
     the message names it and says why. Storage trouble that is not the file's own (a full disk) is
     an `OSError` instead: the same file may be taken once the storage works again."""
+
+
 # Longer names keep their first characters and a hash of the whole: the sample's files (`<name>-<sha8>`,
 # `<name>_identified_protein.faa`, their temporary names) must fit the file system's 255 bytes.
 MAX_SAMPLE_NAME = 100

@@ -41,6 +41,10 @@ so nothing is lost: the same files are tried again at the next tick.
 
 Staged copies (`<storage_root>/samples/.incoming/`) older than an hour are leftovers of a tick
 that was killed while copying: each tick removes them first.
+
+Each tick also marks failed the runs of a killed `vnp run` on this host (still STARTED, their
+process gone) and frees their `gpu` pool slots (`run_sample.reclaim_dead_runs`): the steps that the
+UI queues on the pool would otherwise wait for those slots forever.
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ def scan_inbox(inbox: Path, after: Arrival, settled_before_ns: int) -> list[Drop
 @sensor(job_name="index_sample", default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=30,
         description="Registers each FASTA dropped into the inbox as a sample and requests its sequence_index. "
                     "A drop that cannot be a sample (a link, a directory, unreadable...) is skipped and "
-                    "recorded under the asset inbox_rejected_drops.")
+                    "recorded under the asset inbox_rejected_drops. Also frees the gpu slots of killed vnp runs.")
 def fasta_inbox_sensor(context: SensorEvaluationContext, storage: SampleStorage) -> SensorResult:
     """Registers each new FASTA of the inbox as a sample and requests its `sequence_index`."""
     cursor = Arrival(*json.loads(context.cursor)) if context.cursor else Arrival(-1, "")
@@ -127,6 +131,10 @@ def fasta_inbox_sensor(context: SensorEvaluationContext, storage: SampleStorage)
                             cursor=context.cursor)
     if removed := clean_staging(storage):
         context.log.info(f"removed {len(removed)} staged cop(ies) left by an interrupted tick in {storage.staging_dir}")
+    from vnp_assets.run_sample import reclaim_dead_runs  # here: run_sample imports the definitions, which import this
+
+    for run_id in reclaim_dead_runs(context.instance):
+        context.log.warning(f"run {run_id}: its vnp run process is gone (killed): marked failed, its gpu slots freed")
     settled_before_ns = time.time_ns() - int(storage.inbox_settle_seconds * 1e9)
     registered = set(context.instance.get_dynamic_partitions(samples_partitions.name))
     new_samples: list[str] = []

@@ -175,6 +175,9 @@ def embed_shards(jobs: Sequence[ShardJob],
             try:
                 ready = loading.popleft().result()
                 waited = time.perf_counter() - waiting
+                # Wrapped here, never on the loading thread: `layer.compile` imports the compiler, which
+                # the main thread may be importing too (a partially initialised torch._inductor).
+                ready.model = compile_if_worth_it(ready.model, job.config, len(ready.tokenized.tokens))
                 report = None if progress is None else partial(progress, job.model)
                 if job.cache_dir is None:
                     stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
@@ -230,7 +233,7 @@ def load_job(job: ShardJob) -> _PreparedJob:
         if not stored:
             tokenized = tokenize(tokenizer, ids, sequences, job.config.num_workers)
         tokens_seconds = time.perf_counter() - start
-        model = compile_if_worth_it(loading.result(), job.config, len(tokenized.tokens))
+        model = loading.result()
     load_seconds = time.perf_counter() - start
     log.info("%s: %s rows and their tokens (%s) in %.1f s, model and rows ready in %.1f s", job.model, f"{len(ids):,}",
              "stored ones" if stored else "tokenised here", tokens_seconds, load_seconds)
