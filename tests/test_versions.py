@@ -6,7 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, DagsterInstance, evaluate_automation_conditions
+from dagster import AssetCheckEvaluation, AssetKey, AssetMaterialization, AssetRecordsFilter, DagsterInstance, evaluate_automation_conditions
+
+from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
 
 from vnp_assets.platform import build_definitions
 from vnp_assets.partitions import sample_shard_key
@@ -20,11 +22,16 @@ BELOW_ESM2 = {"esm2_embeddings", "merged_embeddings", "fp16_validation_report", 
 
 
 def land(instance: DagsterInstance, key: str, partition, checks: bool = True) -> None:
-    """A materialization and (the first time: runless check results are one per partition) its passed checks."""
+    """A materialization and, with `checks`, its passed checks, as a successful step records them."""
     instance.report_runless_asset_event(AssetMaterialization(key, partition=partition))
+    [record] = instance.fetch_materializations(
+        AssetRecordsFilter(AssetKey(key), asset_partitions=[str(partition)]), limit=1).records
+    target = AssetCheckEvaluationTargetMaterializationData(storage_id=record.storage_id, run_id=record.run_id,
+                                                           timestamp=record.timestamp)
     for check in CHECKS.get(key, ()) if checks else ():
-        instance.report_runless_asset_event(AssetCheckEvaluation(asset_key=AssetKey(key), check_name=check, passed=True,
-                                                                 partition=str(partition)))
+        instance.report_runless_asset_event(AssetCheckEvaluation(
+            asset_key=AssetKey(key), check_name=check, passed=True, partition=str(partition),
+            target_materialization_data=target))
 
 
 def versions(resources) -> dict[str, str]:
@@ -60,8 +67,8 @@ def test_automation_refreshes_only_the_replaced_models_assets_in_graph_order(
                               for m in ("dnabert_s", "esm2")),
                             *((key, ["s1"]) for key in ("merged_embeddings", "fp16_validation_report",
                                                         "virnucpro_predictions"))]:
-        for partition in partitions:
-            land(instance, key, partition)
+        for partition in partitions:  # runless check results are one per partition: only where none comes later
+            land(instance, key, partition, checks=key == "dnabert_s_embeddings")
     ticked = evaluate_automation_conditions(old, instance=instance)
     assert ticked.total_requested == 0  # a done sample stays done
 
@@ -74,12 +81,12 @@ def test_automation_refreshes_only_the_replaced_models_assets_in_graph_order(
     assert ticked.total_requested == 2  # DNABERT-S's shards and what is below the new ESM-2 wait or stay
 
     for shard in (0, 1):  # the refreshed shards land
-        land(instance, "esm2_embeddings", sample_shard_key("s1", shard), checks=False)
+        land(instance, "esm2_embeddings", sample_shard_key("s1", shard))
     ticked = evaluate_automation_conditions(new, instance=instance, cursor=ticked.cursor)
     # What is below, one sample's partition, goes in one run, in graph order.
     below = ("merged_embeddings", "fp16_validation_report", "virnucpro_predictions")
     assert {key: ticked.get_requested_partitions(AssetKey(key)) for key in below} == dict.fromkeys(below, {"s1"})
     assert ticked.total_requested == 3
     for key in below:
-        land(instance, key, "s1", checks=False)
+        land(instance, key, "s1")
     assert evaluate_automation_conditions(new, instance=instance, cursor=ticked.cursor).total_requested == 0

@@ -24,6 +24,7 @@ from vnp_core.models import MODELS
     deps=[merged_embeddings],
     pool="gpu",  # the fp32 reference of a real ESM-2 needs a GPU as much as production does
     check_specs=[AssetCheckSpec("cosine_thresholds", asset="fp16_validation_report", blocking=True,
+                                partitions_def=samples_partitions,
                                 description="Every model's embeddings agree with its fp32 reference within the thresholds.")],
     automation_condition=FLOW_ON_AFTER_CHECKS,
     group_name="validation",
