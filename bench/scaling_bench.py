@@ -134,11 +134,11 @@ def shard_metadata(home: Path) -> dict[str, dict]:
     """What each embedding step recorded (tokens/s, model load, how long the device waited, first pack)."""
     from dagster import AssetKey, AssetRecordsFilter
 
-    from vnp_assets.run_sample import local_instance
+    from dagster import DagsterInstance
     from vnp_core.models import MODELS
 
     shards = {}
-    with local_instance(home) as instance:
+    with DagsterInstance.from_config(str(home)) as instance:
         for kind in MODELS:
             records = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(f"{kind}_embeddings")),
                                                       limit=100).records
@@ -154,9 +154,9 @@ def shard_metadata(home: Path) -> dict[str, dict]:
 def run_timeline(home: Path) -> list[dict]:
     """Every event of the sample's Dagster runs, in seconds from the end of the index run (about when
     the embedding stage starts): where a step's time goes outside its device work."""
-    from vnp_assets.run_sample import local_instance
+    from dagster import DagsterInstance
 
-    with local_instance(home) as instance:
+    with DagsterInstance.from_config(str(home)) as instance:
         runs = sorted(instance.get_runs(), key=lambda run: instance.all_logs(run.run_id)[0].timestamp)
         origin = instance.all_logs(runs[0].run_id)[-1].timestamp
         return [{"run": run.run_id[:8], "seconds": round(event.timestamp - origin, 3),

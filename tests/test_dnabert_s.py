@@ -108,7 +108,7 @@ def test_pooling_is_the_mean_over_all_tokens_including_cls_and_sep(tiny, chunks)
 def test_loaded_model_describes_itself(tiny):
     model = load_dnabert_s(tiny, EmbedConfig(attention_backend="auto"))
     weights = tiny / "model.safetensors"
-    assert (model.kind, model.name, model.embed_dim, model.attention_backend) == ("dnabert_s", tiny.name, 64, "sdpa_reference")
+    assert (model.kind, model.name, model.embed_dim, model.attention_backend) == ("dnabert_s", tiny.name, 64, "sdpa_bucketed")
     assert model.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert model.source == str(weights) and "[CLS]" in model.pooling and "[SEP]" in model.pooling
 

@@ -223,7 +223,7 @@ def test_load_esm2_records_what_was_loaded(tiny):
     loaded = load_esm2(tiny, EmbedConfig(max_protein_length=500))
     assert (loaded.kind, loaded.name, loaded.embed_dim, loaded.source) == ("esm2", "esm2_t2_tiny", 64, str(tiny))
     assert loaded.weights_sha256 == hashlib.sha256(tiny.read_bytes()).hexdigest()
-    assert (loaded.dtype, loaded.attention_backend, loaded.pooling) == (torch.float32, "sdpa_reference", POOLING)
+    assert (loaded.dtype, loaded.attention_backend, loaded.pooling) == (torch.float32, "sdpa_bucketed", POOLING)
     assert loaded.tokenizer == ESM2Tokenizer(500)
 
 

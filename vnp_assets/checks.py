@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetKey, AutomationCondition, PartitionsDefinition
+from dagster import AssetCheckResult, AssetCheckSpec, AssetKey, AutomationCondition
 
 # A new sample flows on by itself: an asset's partition that is still missing runs once its inputs
 # are updated and their blocking checks passed (a failed check in an earlier run leaves the
@@ -24,15 +24,15 @@ FLOW_ON_AFTER_CHECKS = (
 ).with_label("new partitions and new code versions, after upstream checks pass")
 
 
-def shard_check_specs(asset_key: AssetKey, partitions_def: PartitionsDefinition) -> list[AssetCheckSpec]:
-    """Partitioned like the shards, so each result is recorded against its sample x shard."""
+def shard_check_specs(asset_key: AssetKey) -> list[AssetCheckSpec]:
+    # Not partitioned (`partitions_def`) though the shards are: dagster 1.13's blocking-check condition
+    # does not map partitioned check results through the sample x shard -> sample mapping, and a failed
+    # shard check then no longer holds the merge back (tests/test_assets_embeddings.py).
     return [
-        AssetCheckSpec("embeddings_finite", asset=asset_key, blocking=True, partitions_def=partitions_def,
-                       description="No NaN or Inf in any vector."),
-        AssetCheckSpec("rows_match_index", asset=asset_key, blocking=True, partitions_def=partitions_def,
+        AssetCheckSpec("embeddings_finite", asset=asset_key, blocking=True, description="No NaN or Inf in any vector."),
+        AssetCheckSpec("rows_match_index", asset=asset_key, blocking=True,
                        description="One row per kept frame of this shard in the sequence index."),
-        AssetCheckSpec("ids_unique", asset=asset_key, blocking=True, partitions_def=partitions_def,
-                       description="No id appears twice."),
+        AssetCheckSpec("ids_unique", asset=asset_key, blocking=True, description="No id appears twice."),
     ]
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
+import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, MetadataValue
 
@@ -24,3 +28,19 @@ def warn_if_tiny(context: AssetExecutionContext, models: ModelSet, used: set[str
     warning = f"{', '.join(tiny)}: {TINY_MODELS_NOTICE}"
     context.log.warning(warning)
     return {"placeholder_models": MetadataValue.text(warning)}
+
+
+def histogram_thumbnail(cosines: dict[str, np.ndarray], width: int = 240, height: int = 48) -> MetadataValue:
+    """A 1-bit PNG of 1 - cosine on a log axis from 1e-9 to 1 (bars: sequences per bin, all models), small
+    enough for Dagster to show its Markdown inline; the labelled plot is the report's histogram file."""
+    from PIL import Image
+
+    distances = np.concatenate([np.clip(1.0 - c[np.isfinite(c)], 1e-9, 1.0) for c in cosines.values()])
+    counts, _ = np.histogram(np.log10(distances), bins=width // 4, range=(-9.0, 0.0))
+    bars = np.ceil(height * counts / max(1, counts.max())).astype(int)
+    columns = np.repeat(bars, 4)  # 4 pixels a bin
+    image = np.arange(height)[::-1, None] < columns[None, :]
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", optimize=True)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return MetadataValue.md(f"![1 - cosine, log scale 1e-9 to 1](data:image/png;base64,{encoded})")

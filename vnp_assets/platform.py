@@ -13,6 +13,7 @@ from dagster import (
     DefaultSensorStatus,
     Definitions,
     define_asset_job,
+    in_process_executor,
 )
 
 from vnp_assets.assets import build_assets
@@ -71,6 +72,9 @@ def build_definitions(resources: Mapping[str, ConfigurableResource]) -> Definiti
         jobs=sample_jobs(),
         sensors=[fasta_inbox_sensor, automation_sensor],
         resources=dict(resources),
+        # A run's steps in its own process, one after another: each GPU step starts its device process
+        # anyway, and a process per step would import torch again (10-15 s a run on a small host).
+        executor=in_process_executor,
     )
 
 

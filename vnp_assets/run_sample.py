@@ -35,6 +35,7 @@ from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
 
+from vnp_assets.instance import prepare_home
 from vnp_assets.platform import RESOURCES, build_definitions, resources_from_settings
 from vnp_assets.partitions import sample_shard_key
 from vnp_assets.resources import SampleStorage
@@ -42,7 +43,6 @@ from vnp_assets.samples import clean_staging, register_sample, sample_name
 from vnp_core.gpu import exit_with_parent, start_spare_device_process
 from vnp_core.models import MODELS
 
-INSTANCE_TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 # Step progress and warnings on the terminal; Dagster's DEBUG events stay in the instance's event log.
 # What `vnp run` materializes, in order; `until` stops after one of them ("embeddings": every shard).
 STAGES = ("sequence_index", "embeddings", "merged_embeddings", "fp16_validation_report", "virnucpro_predictions")
@@ -94,12 +94,11 @@ def run_sample(input: Path, *, home: Path = Path("vnp_home"), until: str = "virn
 def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources: dict, console: dict) -> SampleRun:
     storage, processing, models, gpus = (resources[key] for key in ("storage", "processing", "models", "gpus"))
     defs = build_definitions(resources)
-    instance = local_instance(home)
-    reclaim_dead_runs(instance)
     slots = max(1, gpus.slot_count)
-    if gpus.executor == "ray" or "gpu" not in instance.event_log_storage.get_concurrency_keys():
-        # Sized once for this host (the same home serves `dagster dev`, whose runs queue their GPU steps on
-        # this pool); from the cluster on every run with Ray, whose GPUs come and go.
+    # The same home serves `dagster dev`, whose runs queue their GPU steps on the `gpu` pool sized here.
+    instance = prepare_home(home, gpu_slots=slots)
+    reclaim_dead_runs(instance)
+    if gpus.executor == "ray":  # the cluster's GPUs come and go: its size on every run
         instance.event_log_storage.set_concurrency_slots("gpu", slots)
     clean_staging(storage)
     sample, _ = register_sample(input, name, storage, set(instance.get_dynamic_partitions("samples")))
@@ -143,14 +142,6 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
 def resource_fields(resources: dict) -> dict[str, dict]:
     """The resources as plain fields, to rebuild them in a worker process (`materialize_shard`)."""
     return {key: resource.model_dump() for key, resource in resources.items()}
-
-
-def local_instance(home: Path) -> DagsterInstance:
-    """The persistent instance in `home`, configured from the project's dagster.yaml on first use."""
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copyfile(INSTANCE_TEMPLATE, home / "dagster.yaml")
-    return DagsterInstance.from_config(str(home))
 
 
 @contextmanager

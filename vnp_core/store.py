@@ -207,12 +207,13 @@ class ShardCheckpoint:
             raise IncompleteShardError(f"{self.path}: {len(expected_ids)} ids in, {len(stored)} rows out; "
                                        + _id_mismatch(expected_ids, stored))
         self._file.attrs.update(attrs)
-        del self._file.attrs["rows_done"]
         self.close()
         try:
             publish(self.path, Path(out_path))
-        except OSError as error:
+        except OSError as error:  # the checkpoint stays whole, `rows_done` included: a rerun resumes from it
             raise write_error(out_path, error) from error
+        with h5py.File(out_path, "a") as shard:  # a finished shard has no checkpoint counter
+            del shard.attrs["rows_done"]
 
     def close(self) -> None:
         self._file.close()
@@ -311,9 +312,10 @@ def _gather(model: str, index: pl.DataFrame, shard_paths: Sequence[Path], out: P
 
 def _model_attrs(model: str, shard_attrs: Sequence[tuple[Path, dict]]) -> dict:
     """What holds for a model's whole matrix: run attributes agree across shards, truncations add up."""
-    merged = {"truncated": 0}
+    merged = {"truncated": 0, "rows_from_cache": 0}
     for path, attrs in shard_attrs:
         merged["truncated"] += int(attrs.get("truncated", 0))
+        merged["rows_from_cache"] += int(attrs.get("rows_from_cache", 0))
         for key, value in attrs.items():
             if key in PER_SHARD_ATTRS:
                 continue

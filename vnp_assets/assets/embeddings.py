@@ -57,7 +57,7 @@ def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsD
         partitions_def=partitions_def,
         can_subset=True,
         pool="gpu",
-        check_specs=[spec for model in MODELS for spec in shard_check_specs(embedding_key(model), partitions_def)],
+        check_specs=[spec for model in MODELS for spec in shard_check_specs(embedding_key(model))],
     )
     def shard_embeddings(context: AssetExecutionContext, storage: SampleStorage, processing: SampleProcessing,
                          models: ModelSet, gpus: GpuPool) -> Iterator[MaterializeResult]:

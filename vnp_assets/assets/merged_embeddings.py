@@ -20,7 +20,7 @@ def merged_embeddings(context: AssetExecutionContext, storage: SampleStorage,
                       processing: SampleProcessing) -> MaterializeResult:
     """`ids` and each model's vectors per kept frame: the VirNucPro classifier's input."""
     from vnp_core.index import read_index, read_index_provenance
-    from vnp_core.store import merge_sample
+    from vnp_core.store import merge_sample, read_attrs
 
     sample = context.partition_key
     layout = storage.layout(sample)
@@ -31,8 +31,13 @@ def merged_embeddings(context: AssetExecutionContext, storage: SampleStorage,
         out=layout.merged,
         attrs={"sample": sample, "chunk_length": read_index_provenance(layout.index).chunk_length},
     )
+    from_store = {model: int(read_attrs(layout.merged)[f"{model}.rows_from_cache"]) for model in MODELS}
     return MaterializeResult(metadata={
         "sequences": stats.sequences,
         **{f"{model}_dim": dim for model, dim in stats.dims.items()},
+        # Per model: rows served by the embedding store (or repeating another row) and the rest, embedded.
+        **{f"{model}_rows_from_store": rows for model, rows in from_store.items()},
+        **{f"{model}_rows_embedded": stats.sequences - rows for model, rows in from_store.items()},
+        **{f"{model}_store_hit_rate": rows / max(1, stats.sequences) for model, rows in from_store.items()},
         "path": MetadataValue.path(stats.path),
     })
