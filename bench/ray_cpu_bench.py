@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -177,7 +178,10 @@ def shard_steps(home: Path) -> dict[str, dict]:
             events = instance.all_logs(run.run_id)
             start = next(e.timestamp for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_START)
             end = next(e.timestamp for e in events if e.dagster_event and e.dagster_event.event_type == DagsterEventType.STEP_SUCCESS)
-            placed = next((e.timestamp for e in events if not e.dagster_event and ": on node " in (e.user_message or "")), None)
+            placed_event = next((e for e in events if not e.dagster_event and ": on node " in (e.user_message or "")), None)
+            placed = None if placed_event is None else placed_event.timestamp
+            ray_gpu = None if placed_event is None else \
+                re.search(r"CUDA_VISIBLE_DEVICES=(\S+?)\)", placed_event.user_message).group(1)
             models = {}
             for e in events:
                 if e.dagster_event and e.dagster_event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
@@ -194,12 +198,44 @@ def shard_steps(home: Path) -> dict[str, dict]:
                 "first_model_load_seconds": first.get("model_load_seconds", 0.0),
                 "fixed_less_first_load_seconds": duration - device - first.get("model_load_seconds", 0.0),
                 "step_start_to_placed_seconds": None if placed is None else placed - start,
+                "ray_gpu": ray_gpu, "step_start_epoch": start, "step_end_epoch": end,
                 # From the index run's end (about the stage's start): the run's first event, its step's
                 # start and end, its last event; the gaps are Dagster's run around the step.
                 "timeline": {"run_first_event": events[0].timestamp - origin, "step_start": start - origin,
                              "step_end": end - origin, "run_last_event": events[-1].timestamp - origin},
                 "models": models}
     return dict(sorted(steps.items()))
+
+
+# When the step's function starts, from the device side's log lines (stderr of the run's process: the
+# local device process's own, the Ray actors' as Ray forwards them to the driver).
+LINE_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+LOCAL_READY = re.compile(LINE_TIME + r" - vnp device process on .* - embed_shards ready to run ([\d.]+) s after the call")
+RAY_STARTING = re.compile(LINE_TIME + r" - vnp Ray GPU step - embed_shards starting on GPU (\S+) ")
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()  # logging's asctime: local time
+
+
+def add_function_start(run: dict, stderr: str) -> None:
+    """Each step's `step_start_to_function_seconds`: Dagster's step start to the device side's line saying
+    `embed_shards` starts (local: "ready to run", in the device process; Ray: "starting on GPU N", in the
+    actor, matched to its step by the GPU the step logged). Lines have millisecond stamps."""
+    lines = {"local": [(m.group(1), None) for m in LOCAL_READY.finditer(stderr)],
+             "ray": [(m.group(1), m.group(2)) for m in RAY_STARTING.finditer(stderr)]}[run["executor"]]
+    run["device_side_lines"] = [line for line in stderr.splitlines()
+                                if "ready to run" in line or "starting on GPU" in line or "written after" in line
+                                or "model and rows ready" in line]
+    for step in run["steps"].values():
+        step["step_start_to_function_seconds"] = None
+        for stamp, gpu in lines:
+            at = _epoch(stamp)
+            if step["step_start_epoch"] - 0.01 <= at <= step["step_end_epoch"] and (gpu is None or gpu == step["ray_gpu"]):
+                step["step_start_to_function_seconds"] = at - step["step_start_epoch"]
+                break
 
 
 # The comparison.
@@ -209,7 +245,7 @@ def compare(runs: list[dict]) -> dict:
     import h5py
     import numpy as np
 
-    reference = next(run for run in runs if run["executor"] == "local")
+    reference = next((run for run in runs if run["executor"] == "local"), runs[0])
     out = {}
     for i, run in enumerate(runs):
         same, worst = [], 0.0
@@ -248,8 +284,9 @@ def commit() -> str:
 
 def table(runs: list[dict], equal: dict) -> str:
     lines = ["| run | executor | embedding stage s | step s (shard 0 / 1) | fixed cost s (0 / 1) | "
-             "first model load s (0 / 1) | start to placed s (0 / 1) | bit-identical to run 1 |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
+             "first model load s (0 / 1) | start to placed s (0 / 1) | start to function s (0 / 1) | "
+             "bit-identical to run 1 |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for i, run in enumerate(runs):
         steps = list(run["steps"].values())
 
@@ -259,6 +296,7 @@ def table(runs: list[dict], equal: dict) -> str:
         check = equal[f"{i + 1} {run['executor']}"]
         lines.append(f"| {i + 1} | {run['executor']} | {run['embedding_seconds']:.2f} | {pair('step_seconds')} | "
                      f"{pair('fixed_seconds')} | {pair('first_model_load_seconds')} | {pair('step_start_to_placed_seconds')} | "
+                     f"{pair('step_start_to_function_seconds')} | "
                      f"{'yes' if check['bit_identical'] else 'NO (max abs diff %.3g)' % check['max_abs_diff']} |")
     for executor in ("local", "ray"):
         mine = [run for run in runs if run["executor"] == executor]
@@ -266,7 +304,7 @@ def table(runs: list[dict], equal: dict) -> str:
             continue
         stage = sum(run["embedding_seconds"] for run in mine) / len(mine)
         fixed = [s["fixed_seconds"] for run in mine for s in run["steps"].values()]
-        lines.append(f"| mean | {executor} | {stage:.2f} | | {sum(fixed) / len(fixed):.2f} | | | |")
+        lines.append(f"| mean | {executor} | {stage:.2f} | | {sum(fixed) / len(fixed):.2f} | | | | |")
     lines += ["", "Where the embedding stage goes, s from the index run's end: each shard's run "
               "(first event, step start, step end, last event)", ""]
     for i, run in enumerate(runs):
@@ -281,10 +319,15 @@ def summary(runs: list[dict]) -> dict:
         return sum(values) / len(values)
 
     by = {executor: [run for run in runs if run["executor"] == executor] for executor in ("local", "ray")}
+    if not all(by.values()):
+        return {}
     out = {executor: {"embedding_seconds_mean": mean([r["embedding_seconds"] for r in mine]),
                       "fixed_seconds_mean": mean([s["fixed_seconds"] for r in mine for s in r["steps"].values()]),
                       "step_seconds_mean": mean([s["step_seconds"] for r in mine for s in r["steps"].values()]),
-                      "device_seconds_mean": mean([s["device_seconds"] for r in mine for s in r["steps"].values()])}
+                      "device_seconds_mean": mean([s["device_seconds"] for r in mine for s in r["steps"].values()]),
+                      "step_start_to_function_seconds_mean": mean(
+                          [s["step_start_to_function_seconds"] for r in mine for s in r["steps"].values()
+                           if s.get("step_start_to_function_seconds") is not None] or [float("nan")])}
            for executor, mine in by.items()}
     out["ray_over_local_embedding_stage"] = out["ray"]["embedding_seconds_mean"] / out["local"]["embedding_seconds_mean"]
     out["ray_minus_local_fixed_seconds"] = out["ray"]["fixed_seconds_mean"] - out["local"]["fixed_seconds_mean"]
@@ -324,8 +367,10 @@ def main() -> None:
                                   cwd=ROOT, capture_output=True, text=True, timeout=600)
             if done.returncode != 0:
                 raise RuntimeError(f"run {i + 1} ({executor}) failed:\n{done.stderr[-5000:]}")
+            (work / f"run{i + 1}_{executor}.stderr").write_text(done.stderr)
             run = json.loads(done.stdout.strip().splitlines()[-1])
             run["process_seconds"] = time.perf_counter() - started
+            add_function_start(run, done.stderr)
             runs.append(run)
             print(f"run {i + 1} {executor}: embedding stage {run['embedding_seconds']:.2f} s, steps "
                   + ", ".join(f"{k}: {s['step_seconds']:.2f} s (fixed {s['fixed_seconds']:.2f} s)"
@@ -354,8 +399,9 @@ def main() -> None:
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); {os.cpu_count()} CPUs; "
           f"Ray processes left after stop: {len(left)}; results: {out}")
     s = results["summary"]
-    print(f"ray / local embedding stage: {s['ray_over_local_embedding_stage']:.3f}; "
-          f"ray - local fixed cost per step: {s['ray_minus_local_fixed_seconds']:+.2f} s\n")
+    if s:
+        print(f"ray / local embedding stage: {s['ray_over_local_embedding_stage']:.3f}; "
+              f"ray - local fixed cost per step: {s['ray_minus_local_fixed_seconds']:+.2f} s\n")
     print(table(runs, equal))
 
 

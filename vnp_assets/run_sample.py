@@ -118,7 +118,9 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
                                                      instance=instance, run_config=console, tags=process_tags())
 
     worker_count = slots
-    with shard_workers(gpus.devices if gpus.executor == "local" else [], worker_count, home) as workers:
+    # With Ray the steps' processes are the cluster's actors: the workers need neither GPUs nor spares.
+    local = gpus.executor == "local"
+    with shard_workers(gpus.devices if local else [], worker_count, home, spares=local) as workers:
         stage("sequence_index", materialize_sample, "sequence_index")
         if until != "sequence_index":
             stage(f"embeddings ({processing.num_shards} steps of {len(MODELS)} models)", embed_all_shards, workers,
@@ -145,21 +147,22 @@ def resource_fields(resources: dict) -> dict[str, dict]:
 
 
 @contextmanager
-def shard_workers(devices: list[int] | None, worker_count: int, home: Path) -> Iterator[ProcessPoolExecutor]:
+def shard_workers(devices: list[int] | None, worker_count: int, home: Path, *, spares: bool = True
+                  ) -> Iterator[ProcessPoolExecutor]:
     """`worker_count` processes (one per usable GPU), started now and made ready for their steps."""
     with ProcessPoolExecutor(worker_count, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_prepare_step_worker, initargs=(devices, str(home), os.getpid())) as pool:
+                             initializer=_prepare_step_worker, initargs=(devices, str(home), os.getpid(), spares)) as pool:
         for _ in range(worker_count):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
 
 
 # What this worker's spare device processes import: the engine and, on a GPU host, torch.compile's
-# machinery (3.4-4.5 s more). Set by `_prepare_step_worker`.
-_spare_imports: list[str] = []
+# machinery (3.4-4.5 s more); None: this worker starts no spares. Set by `_prepare_step_worker`.
+_spare_imports: list[str] | None = []
 
 
-def _prepare_step_worker(devices: list[int] | None, home: str, parent_pid: int) -> None:
+def _prepare_step_worker(devices: list[int] | None, home: str, parent_pid: int, spares: bool) -> None:
     """What every step of the worker would otherwise do first, done while the index is built: start
     the CUDA driver (counting the GPUs does; it creates no context on any GPU), start the spare
     device process of its first step, import Dagster and the asset code, open the instance.
@@ -172,8 +175,9 @@ def _prepare_step_worker(devices: list[int] | None, home: str, parent_pid: int) 
     from vnp_core.engine import COMPILER_MODULES, EMBED_SHARDS_MODULES
 
     global _spare_imports
-    _spare_imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus else ())]
-    start_spare_device_process(_spare_imports)
+    _spare_imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus else ())] if spares else None
+    if _spare_imports is not None:
+        start_spare_device_process(_spare_imports)
     import vnp_assets.assets  # noqa: F401
 
     worker_instance(home)
@@ -208,7 +212,7 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
         partition_key=sample_shard_key(sample, shard), asset_selection=[AssetKey(f"{model}_embeddings") for model in models],
         instance=worker_instance(home), run_config=console or console_at("INFO"), raise_on_error=False,
         tags=process_tags())
-    if spare_after:
+    if spare_after and _spare_imports is not None:
         start_spare_device_process(_spare_imports)
     if result.success:
         return None
