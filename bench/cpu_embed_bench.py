@@ -66,6 +66,7 @@ def simulated_sequences(reads: int) -> tuple[list[str], list[str]]:
     genomes = {r.id: r.sequence for path in sorted(REAL.glob("*.fasta")) for r in read_fasta(path).records}
     simulated = [read for i, (length, share) in enumerate(READ_MIX)
                  for read in simulate_reads(genomes, round(reads * share), length, SEED + i)]
+    np.random.default_rng(SEED).shuffle(simulated)  # one sample of mixed read lengths: packs mix them too
     records = [FastaRecord(read_id, "", sequence, line) for line, (read_id, sequence) in enumerate(simulated)]
     frames = prepare_records(records, PrepConfig(chunk_length=500)).frames
     return frames["protein"].to_list(), frames["nucleotide"].to_list()
@@ -77,7 +78,7 @@ def read_sequences(path: Path) -> list[str]:
 
 
 def length_summary(lengths: np.ndarray) -> dict:
-    return {"count": int(len(lengths)), "tokens": int(lengths.sum()), "mean": round(float(lengths.mean()), 1),
+    return {"count": int(len(lengths)), "total": int(lengths.sum()), "mean": round(float(lengths.mean()), 1),
             "min": int(lengths.min()), "p50": int(np.median(lengths)), "max": int(lengths.max())}
 
 
@@ -296,7 +297,7 @@ def main() -> None:
         "code_version": code_version(),
         "machine": machine(args.threads),
         "input": {"source": str(args.proteins) if args.proteins else f"{args.reads} simulated reads {READ_MIX}, chunks of 500 bp",
-                  "protein_lengths": length_summary(np.array([len(p) for p in proteins])),
+                  "protein_residues": length_summary(np.array([len(p) for p in proteins])),
                   "max_tokens": args.max_tokens, "rounds": args.rounds},
         "esm2": {}, "dnabert_s": {},
     }

@@ -10,11 +10,13 @@ Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly on
 - `flash_attn`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), when installed.
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, fp16/bf16, no bias).
 - `sdpa_padded`: pad to (B, S), one `scaled_dot_product_attention` call with a mask/bias (any device).
-- `sdpa_bucketed`: sequences grouped by length (`length_groups`), each group padded to its own
-  longest and attended in one SDPA call: `sdpa_padded` without padding every sequence to the pack's
-  longest. The CPU's choice: 4-D inputs reach PyTorch's fused CPU kernel. Reads the pack's bounds
-  on the host once per pack.
-- `sdpa_reference`: one SDPA call per sequence (the exact CPU/fp32 reference).
+- `sdpa_bucketed`: the CPU's choice. Sequences grouped by length (`length_groups`), each group
+  gathered into (n, H, S, D) padded to its own longest and attended in one SDPA call, which on the
+  CPU is PyTorch's fused flash kernel; no sequence is padded to the pack's longest. Reads the pack's
+  bounds on the host (once per pack, in `plan_attention`).
+- `sdpa_reference`: one SDPA call per sequence (the exact CPU/fp32 reference). Its (H, L, D) inputs
+  take SDPA's unfused math path, ~10 small ops per sequence and layer: the CPU's old default, slow
+  in Python overhead and, on a busy machine, in OpenMP waits per op.
 - `flex`: FlexAttention over the pack with a block-sparse document mask built straight from
   `cu_seqlens`, ALiBi as a `score_mod` (compiled on CUDA; on the CPU it runs uncompiled,
   materialising the scores, for tests only).
@@ -36,6 +38,8 @@ from vnp_core.packing import length_groups, pad_packed, padded_gather_index, tok
 log = logging.getLogger(__name__)
 
 # sdpa_bucketed: a group's shortest sequence grows by at most this share when padded to its longest.
+# Exact-length groups (0) made more calls and ran 3-20% slower on VirNucPro-like packs; 1/16 to 1/2
+# were within noise of each other (2 threads of a Xeon, ESM-2 2x64 and 6x320, 30-1022 residues).
 BUCKET_MAX_PADDING = 0.125
 # FlexAttention's default tile: a query block visits only the key blocks of the sequences it touches.
 FLEX_BLOCK = 128
@@ -47,7 +51,9 @@ class Bucket:
 
     shape: tuple[int, int]  # (n, S): sequences, padded length
     gather: torch.Tensor  # (n * S,) the pack's token at each padded slot (padding repeats a real token)
-    mask: torch.Tensor | None  # (n, 1, 1, S) bool key mask, (n or 1, H, S, S) ALiBi bias, or None: no padding, no bias
+    # None (equal lengths, no bias); (n, 1, 1, S) bool: padded keys off; with ALiBi (1, H, S, S), or
+    # (n, H, S, S) with -inf on padded keys.
+    mask: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ def padded_attention_mask(cu_seqlens: torch.Tensor, max_seqlen: int, dtype: torc
 
 def length_buckets(cu_seqlens: torch.Tensor, dtype: torch.dtype, alibi_slopes: torch.Tensor | None,
                    max_padding: float = BUCKET_MAX_PADDING) -> tuple[tuple[Bucket, ...], torch.Tensor]:
-    """The pack's sequences as buckets of similar length, and where each token's output lands."""
+    """The pack's sequences as buckets of similar length, and `unbucket`: for each token of the pack,
+    its row in the buckets' (n * S, H, D) outputs laid end to end."""
     cu = cu_seqlens.cpu().numpy().astype(np.int64)
     starts, lengths = cu[:-1], np.diff(cu)
     device = cu_seqlens.device
@@ -97,13 +104,15 @@ def length_buckets(cu_seqlens: torch.Tensor, dtype: torch.dtype, alibi_slopes: t
         unbucket[gather[real]] = offset + np.flatnonzero(real)
         offset += n * s
         key_mask = None if real.all() else torch.from_numpy(real).to(device)[:, None, None, :]
-        if alibi_slopes is None:
-            mask = key_mask
-        else:
-            mask = alibi_bias(alibi_slopes, s, dtype)[None]
-            mask = mask if key_mask is None else mask.masked_fill(~key_mask, float("-inf"))
-        buckets.append(Bucket((n, s), torch.from_numpy(gather.reshape(-1)).to(device), mask))
+        buckets.append(Bucket((n, s), torch.from_numpy(gather.reshape(-1)).to(device),
+                              key_mask if alibi_slopes is None else _alibi_mask(alibi_slopes, s, dtype, key_mask)))
     return tuple(buckets), torch.from_numpy(unbucket).to(device)
+
+
+def _alibi_mask(slopes: torch.Tensor, length: int, dtype: torch.dtype, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """ALiBi for one bucket: (1, H, S, S) shared by its sequences, or (n, H, S, S) with their padded keys at -inf."""
+    bias = alibi_bias(slopes, length, dtype)[None]
+    return bias if key_mask is None else bias.masked_fill(~key_mask, float("-inf"))
 
 
 def document_block_mask(cu_seqlens: torch.Tensor, tokens: int, block: int = FLEX_BLOCK):
@@ -194,6 +203,7 @@ def _sdpa_bucketed(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
     for bucket in plan.buckets:
         qb, kb, vb = (t.index_select(0, bucket.gather).unflatten(0, bucket.shape).transpose(1, 2) for t in (q, k, v))  # (n, H, S, D)
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bucket.mask, scale=scale)
+        # The CPU kernel writes (n, S, H, D) memory: back to rows of tokens without a copy.
         outs.append(out.transpose(1, 2).flatten(0, 1))  # (n * S, H, D)
     return (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, plan.unbucket)
 
@@ -270,9 +280,9 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, nee
         elif cuda and half and not needs_bias and torch_varlen_available():
             name = "torch_varlen"
         elif cuda:
-            name = "sdpa_padded"
+            name = "sdpa_padded"  # one call, no host synchronisation
         else:
-            name = "sdpa_bucketed"
+            name = "sdpa_bucketed"  # bench/cpu_embed_bench.py: exact, and faster than sdpa_reference
     else:
         name = requested
         if name not in BACKENDS:
