@@ -7,17 +7,20 @@ VirNucPro's kept frames, ~50 residues on average. `--proteins` / `--nucleotides`
 instead (e.g. `vnp prep`'s `*_identified_protein.faa` / `*_identified_nucleotide.fa`).
 
 Per ESM-2 shape, one random Hugging Face `EsmModel` (N(0, 0.02) init, `attn_implementation="sdpa"`)
-is saved and loaded by vnp's own loader, so both sides hold the same weights. Timed, interleaved in
-`--rounds` rounds (medians reported):
-- `vnp_reference` / `vnp_auto`: vnp's model over `plan_packs` packs of `CPU_MAX_TOKENS` tokens in
-  input order (what `vnp embed` runs), with the old CPU back end `sdpa_reference` and with `auto`;
+is saved and loaded by vnp's own loader, so both sides hold the same weights. Timed after a warm-up
+pass of each, interleaved in `--rounds` rounds (medians reported):
+- `vnp_old`: vnp's model over `plan_packs` packs in input order, as `vnp embed` ran on the CPU
+  before: back end `sdpa_reference`, packs of 16,384 tokens;
+- `vnp_auto`: the same with the back end `auto` picks and the engine's `CPU_MAX_TOKENS` now;
+  `vnp_auto_16k`: `auto` in the old packs (the back end's share of the change);
 - `vnp_engine`: `vnp_core.engine.embed_sequences` with `auto` (tokenising and the HDF5 shard included);
 - `hf_sdpa_bN`: `EsmModel` over padded batches of N proteins sorted by length (what a user would
   write), mean over residues in fp32, as vnp pools. The ratios use the fastest batch size.
-Outputs are checked too: cosine of vnp's pooled vectors against Hugging Face's, and `auto` against
-`sdpa_reference`.
+DNABERT-S (random weights in the checkpoint layout, the tiny tokenizer of `vnp models make-tiny`):
+the `vnp_*` variants alone. Outputs are checked: cosine of vnp's pooled vectors against Hugging
+Face's, and every vnp variant against `vnp_old`.
 
-Usage, from the repository root: python bench/cpu_embed_bench.py [--reads 6000] [--rounds 3]
+Usage, from the repository root: python bench/cpu_embed_bench.py [--reads 1500] [--rounds 3]
     [--threads 2] [--out bench/results/cpu_embed_cpu.json]
 """
 
@@ -50,6 +53,7 @@ READ_MIX = ((150, 0.8), (300, 0.1), (500, 0.1))
 ESM2_SHAPES = {"tiny": (2, 64, 4), "8M": (6, 320, 20)}  # layers, width, heads (FFN 4x)
 DNABERT_S_SHAPES = {"tiny": (2, 64, 4, 128), "small": (6, 384, 6, 1536)}  # layers, hidden, heads, intermediate
 HF_BATCH_SIZES = (32, 64)  # its fastest on 2 threads (256 ran at about half of 64's speed)
+OLD_CPU_MAX_TOKENS = 16384  # the engine's CPU pack budget before this benchmark
 PAD, MASK = 1, 32
 
 
@@ -132,8 +136,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- timing
 
 
-def interleaved(variants: dict, tokens: int, rounds: int) -> dict[str, dict]:
-    """Each variant once per round, in turn, so that a busy machine slows them alike; medians."""
+def interleaved(variants: dict, tokens: int, rounds: int) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """Each variant once per round, in turn, so that a busy machine slows them alike: medians, and outputs."""
     seconds = {name: [] for name in variants}
     outputs = {}
     for _ in range(rounds):
@@ -141,8 +145,26 @@ def interleaved(variants: dict, tokens: int, rounds: int) -> dict[str, dict]:
             start = time.perf_counter()
             outputs[name] = run()
             seconds[name].append(time.perf_counter() - start)
-    return {name: {"tokens_per_s": round(tokens / statistics.median(s)), "seconds": [round(x, 3) for x in s],
-                   "output": outputs[name]} for name, s in seconds.items()}
+    timed = {name: {"tokens_per_s": round(tokens / statistics.median(s)), "seconds": [round(x, 3) for x in s]}
+             for name, s in seconds.items()}
+    return timed, outputs
+
+
+def packed_variants(loaded: dict, token_ids: list[np.ndarray], max_tokens: int) -> dict:
+    """Today's CPU path against the new one, and the back end's share of the change apart from the pack size's."""
+    return {
+        "vnp_old": lambda: packed_embed(loaded["sdpa_reference"].module, token_ids, OLD_CPU_MAX_TOKENS),
+        "vnp_auto_16k": lambda: packed_embed(loaded["auto"].module, token_ids, OLD_CPU_MAX_TOKENS),
+        "vnp_auto": lambda: packed_embed(loaded["auto"].module, token_ids, max_tokens),
+    }
+
+
+def ratio(timed: dict, a: str, b: str) -> float:
+    return round(timed[a]["tokens_per_s"] / timed[b]["tokens_per_s"], 2)
+
+
+def max_abs_diff(outputs: dict, a: str, b: str) -> float:
+    return float(np.abs(outputs[a] - outputs[b]).max())
 
 
 def esm2_section(name: str, shape: tuple[int, int, int], proteins: list[str], args, work: Path) -> dict:
@@ -150,16 +172,11 @@ def esm2_section(name: str, shape: tuple[int, int, int], proteins: list[str], ar
     hf = hf_esm(*shape, seed=SEED)
     hf_dir = work / f"esm2_{name}"
     hf.save_pretrained(hf_dir)
-    vnp = {backend: spec.load(hf_dir, EmbedConfig(attention_backend=backend)) for backend in ("sdpa_reference", "auto")}
-    tokenizer = vnp["auto"].tokenizer
-    token_ids = [tokenizer.encode(p, str(i))[0] for i, p in enumerate(proteins)]
+    loaded = {backend: spec.load(hf_dir, EmbedConfig(attention_backend=backend)) for backend in ("sdpa_reference", "auto")}
+    token_ids = [loaded["auto"].tokenizer.encode(p, str(i))[0] for i, p in enumerate(proteins)]
     tokens = sum(len(t) for t in token_ids)
-    ids = [f"p{i}" for i in range(len(proteins))]
 
-    variants = {
-        "vnp_reference": lambda: packed_embed(vnp["sdpa_reference"].module, token_ids, args.max_tokens),
-        "vnp_auto": lambda: packed_embed(vnp["auto"].module, token_ids, args.max_tokens),
-    }
+    variants = packed_variants(loaded, token_ids, args.max_tokens)
     try:
         from vnp_core.engine import embed_sequences
         from vnp_core.store import read_embeddings
@@ -169,39 +186,31 @@ def esm2_section(name: str, shape: tuple[int, int, int], proteins: list[str], ar
         def engine() -> np.ndarray:
             out = work / f"engine_{name}.h5"
             out.unlink(missing_ok=True)
-            embed_sequences(vnp["auto"], ids, proteins, out, EmbedConfig(max_tokens=args.max_tokens))
+            ids = [f"p{i}" for i in range(len(proteins))]
+            embed_sequences(loaded["auto"], ids, proteins, out, EmbedConfig(max_tokens=args.max_tokens))
             return read_embeddings(out).embeddings
         variants["vnp_engine"] = engine
     for batch_size in args.hf_batch_sizes:
         variants[f"hf_sdpa_b{batch_size}"] = lambda b=batch_size: hf_embed(hf, token_ids, b)
 
-    # Warm-up: first-call allocations and lazy imports.
-    packed_embed(vnp["auto"].module, token_ids[:200], args.max_tokens)
-    hf_embed(hf, token_ids[:200], 64)
-    timed = interleaved(variants, tokens, args.rounds)
-
-    outputs = {k: v.pop("output") for k, v in timed.items()}
+    for run in variants.values():  # warm-up: first-call allocations, lazy imports, the HDF5 writer
+        run()
+    timed, outputs = interleaved(variants, tokens, args.rounds)
     hf_best = max((k for k in timed if k.startswith("hf_")), key=lambda k: timed[k]["tokens_per_s"])
-    result = {
+    vnp_names = [k for k in timed if k.startswith("vnp_")]
+    return {
         "shape": {"layers": shape[0], "width": shape[1], "heads": shape[2], "ffn": 4 * shape[1]},
-        "backend_auto": vnp["auto"].attention_backend,
+        "backend_auto": loaded["auto"].attention_backend,
         "tokens": tokens, "sequences": len(proteins),
         "variants": timed,
         "hf_best": hf_best,
-        "ratios": {
-            "vnp_auto / vnp_reference": round(timed["vnp_auto"]["tokens_per_s"] / timed["vnp_reference"]["tokens_per_s"], 2),
-            f"vnp_auto / {hf_best}": round(timed["vnp_auto"]["tokens_per_s"] / timed[hf_best]["tokens_per_s"], 2),
-            f"vnp_reference / {hf_best}": round(timed["vnp_reference"]["tokens_per_s"] / timed[hf_best]["tokens_per_s"], 2),
-        },
+        "ratios": {"vnp_auto / vnp_old": ratio(timed, "vnp_auto", "vnp_old"),
+                   **{f"{k} / {hf_best}": ratio(timed, k, hf_best) for k in vnp_names}},
         "checks": {
             "min_cosine_vnp_auto_vs_hf": float(cosine(outputs["vnp_auto"], outputs[hf_best]).min()),
-            "max_abs_diff_auto_vs_reference": float(np.abs(outputs["vnp_auto"] - outputs["vnp_reference"]).max()),
+            **{f"max_abs_diff_{k}_vs_vnp_old": max_abs_diff(outputs, k, "vnp_old") for k in vnp_names if k != "vnp_old"},
         },
     }
-    if "vnp_engine" in timed:
-        result["ratios"][f"vnp_engine / {hf_best}"] = round(timed["vnp_engine"]["tokens_per_s"] / timed[hf_best]["tokens_per_s"], 2)
-        result["checks"]["max_abs_diff_engine_vs_auto"] = float(np.abs(outputs["vnp_engine"] - outputs["vnp_auto"]).max())
-    return result
 
 
 def dnabert_s_section(name: str, shape: tuple[int, int, int, int], nucleotides: list[str], args, work: Path) -> dict:
@@ -211,21 +220,24 @@ def dnabert_s_section(name: str, shape: tuple[int, int, int, int], nucleotides: 
     model_dir = write_tiny_dnabert_s(work / f"dnabert_s_{name}", hidden=hidden, layers=layers, heads=heads,
                                      intermediate=intermediate)
     spec = model_spec("dnabert_s")
-    vnp = {backend: spec.load(model_dir, EmbedConfig(attention_backend=backend)) for backend in ("sdpa_reference", "auto")}
-    token_ids = vnp["auto"].tokenizer.encode_many(nucleotides, [str(i) for i in range(len(nucleotides))])
-    token_ids = [token_ids.tokens[a:b] for a, b in zip(np.r_[0, np.cumsum(token_ids.lengths)[:-1]], np.cumsum(token_ids.lengths))]
+    loaded = {backend: spec.load(model_dir, EmbedConfig(attention_backend=backend)) for backend in ("sdpa_reference", "auto")}
+    tokenized = loaded["auto"].tokenizer.encode_many(nucleotides, [str(i) for i in range(len(nucleotides))])
+    token_ids = np.split(tokenized.tokens, np.cumsum(tokenized.lengths)[:-1])
     tokens = sum(len(t) for t in token_ids)
-    packed_embed(vnp["auto"].module, token_ids[:200], args.max_tokens)
-    timed = interleaved({f"vnp_{'reference' if b == 'sdpa_reference' else 'auto'}": (lambda m=vnp[b].module: packed_embed(m, token_ids, args.max_tokens))
-                         for b in vnp}, tokens, args.rounds)
-    outputs = {k: v.pop("output") for k, v in timed.items()}
+
+    variants = packed_variants(loaded, token_ids, args.max_tokens)
+    for run in variants.values():
+        run()
+    timed, outputs = interleaved(variants, tokens, args.rounds)
     return {
         "shape": {"layers": layers, "hidden": hidden, "heads": heads, "intermediate": intermediate},
-        "backend_auto": vnp["auto"].attention_backend,
-        "tokens": tokens, "sequences": len(nucleotides), "token_lengths": length_summary(np.array([len(t) for t in token_ids])),
+        "backend_auto": loaded["auto"].attention_backend,
+        "tokens": tokens, "sequences": len(nucleotides),
+        "token_lengths": length_summary(np.array([len(t) for t in token_ids])),
         "variants": timed,
-        "ratios": {"vnp_auto / vnp_reference": round(timed["vnp_auto"]["tokens_per_s"] / timed["vnp_reference"]["tokens_per_s"], 2)},
-        "checks": {"max_abs_diff_auto_vs_reference": float(np.abs(outputs["vnp_auto"] - outputs["vnp_reference"]).max())},
+        "ratios": {"vnp_auto / vnp_old": ratio(timed, "vnp_auto", "vnp_old"),
+                   "vnp_auto_16k / vnp_old": ratio(timed, "vnp_auto_16k", "vnp_old")},
+        "checks": {f"max_abs_diff_{k}_vs_vnp_old": max_abs_diff(outputs, k, "vnp_old") for k in ("vnp_auto_16k", "vnp_auto")},
     }
 
 
@@ -247,25 +259,26 @@ def code_version() -> str:
 
 
 def print_table(results: dict) -> None:
-    rows = []
-    for model, sections in (("esm2", results["esm2"]), ("dnabert_s", results["dnabert_s"])):
-        for name, section in sections.items():
+    columns = ("vnp_old", "vnp_auto_16k", "vnp_auto", "vnp_engine")
+    print(f"\n{'model':<16}{'old: reference 16k':>19}{'auto 16k':>10}{'auto':>10}{'engine':>10}{'HF SDPA best':>14}"
+          f"{'auto/old':>10}{'auto/HF':>9}{'engine/HF':>11}")
+    for model in ("esm2", "dnabert_s"):
+        for name, section in results[model].items():
             rates = {k: v["tokens_per_s"] for k, v in section["variants"].items()}
-            hf = rates.get(section.get("hf_best"), None)
-            rows.append((f"{model} {name}", rates["vnp_reference"], rates["vnp_auto"], rates.get("vnp_engine"), hf,
-                         section["backend_auto"]))
-    print(f"\n{'model':<16}{'old sdpa_reference':>20}{'vnp auto':>12}{'vnp engine':>12}{'HF SDPA best':>14}"
-          f"{'auto/old':>10}{'auto/HF':>9}  auto back end")
-    for model, old, auto, engine, hf, backend in rows:
-        fmt = lambda x: f"{x:,}" if x is not None else "-"
-        print(f"{model:<16}{fmt(old):>20}{fmt(auto):>12}{fmt(engine):>12}{fmt(hf):>14}{auto / old:>10.2f}"
-              f"{(f'{auto / hf:.2f}' if hf else '-'):>9}  {backend}")
-    print("(tokens/s, medians of interleaved rounds; the same sequences and weights in every column)")
+            hf = rates.get(section.get("hf_best"))
+            cells = "".join(f"{rates[k]:>{w},}" if k in rates else f"{'-':>{w}}" for k, w in zip(columns, (19, 10, 10, 10)))
+            versus_hf = [f"{rates[k] / hf:.2f}" if hf and k in rates else "-" for k in ("vnp_auto", "vnp_engine")]
+            print(f"{model + ' ' + name:<16}{cells}{(f'{hf:,}' if hf else '-'):>14}{rates['vnp_auto'] / rates['vnp_old']:>10.2f}"
+                  f"{versus_hf[0]:>9}{versus_hf[1]:>11}")
+    backend = next((s["backend_auto"] for m in ("esm2", "dnabert_s") for s in results[m].values()), "auto")
+    print(f"tokens/s, medians of interleaved rounds; the same sequences and weights in every column. old: sdpa_reference "
+          f"in packs of {OLD_CPU_MAX_TOKENS:,} tokens; auto: {backend} in packs of {results['input']['max_tokens']:,} "
+          f"(auto 16k: in packs of {OLD_CPU_MAX_TOKENS:,}); engine: embed_sequences, auto")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reads", type=int, default=6000, help="simulated reads (ignored with --proteins)")
+    parser.add_argument("--reads", type=int, default=1500, help="simulated reads (ignored with --proteins)")
     parser.add_argument("--proteins", type=Path, help="protein FASTA to use instead of simulated reads")
     parser.add_argument("--nucleotides", type=Path, help="nucleotide FASTA for DNABERT-S (with --proteins)")
     parser.add_argument("--limit", type=int, help="only the first N sequences of each kind")
@@ -281,8 +294,8 @@ def main() -> None:
     if args.max_tokens is None:
         try:
             from vnp_core.engine import CPU_MAX_TOKENS
-        except ImportError:
-            CPU_MAX_TOKENS = 16384
+        except ImportError as error:
+            parser.error(f"--max-tokens is needed where vnp_core.engine does not import ({error})")
         args.max_tokens = CPU_MAX_TOKENS
 
     if args.proteins:
@@ -292,7 +305,8 @@ def main() -> None:
         proteins, nucleotides = simulated_sequences(args.reads)
     proteins, nucleotides = proteins[: args.limit], nucleotides[: args.limit]
     results = {
-        "benchmark": "CPU embedding: vnp packed (old sdpa_reference vs auto) against Hugging Face EsmModel SDPA, same run",
+        "benchmark": "CPU embedding: vnp packed (old: sdpa_reference, 16k packs; new: auto) against Hugging Face "
+                     "EsmModel SDPA, same run",
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "code_version": code_version(),
         "machine": machine(args.threads),
