@@ -42,22 +42,26 @@ if not VNP.exists():
     VNP = Path(sys.executable).with_name("vnp")
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 TOKEN_VARIABLE = "VNP_TEST_PROCESS_TOKEN"
-# Reads: enough kept frames (about 65) that each model's shard takes seconds on a CPU, so a kill lands inside it.
 READS = 100
+# An ESM-2 large enough (35M parameters) that its shard takes seconds on a CPU, after DNABERT-S's has
+# been written, so a kill lands inside it; the tiny default embeds these reads in a tenth of a second.
+SLOW_ESM2 = {"num_layers": 12, "embed_dim": 480, "attention_heads": 20}
 FLU = REAL_DATA / "influenza_a_california_07_2009.fasta"
 
 
 class Processes:
     """The processes started with one token: a `vnp run` and every process below it, orphans included."""
 
-    def __init__(self) -> None:
+    def __init__(self, esm2_model: Path | None = None) -> None:
+        self.esm2_model = esm2_model
         self.token = uuid.uuid4().hex
         self.env = {**os.environ, TOKEN_VARIABLE: self.token}
         self._needle = f"{TOKEN_VARIABLE}={self.token}".encode()
 
     def vnp_run(self, fasta: Path, home: Path, log: Path, until: str = "merged_embeddings") -> subprocess.Popen:
         with log.open("ab") as out:
-            return subprocess.Popen([str(VNP), "run", str(fasta), "--home", str(home), "--until", until],
+            model = ["--esm2-model", str(self.esm2_model)] if self.esm2_model else []
+            return subprocess.Popen([str(VNP), "run", str(fasta), "--home", str(home), "--until", until, *model],
                                     env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def alive(self) -> list[int]:
@@ -152,7 +156,10 @@ def test_killed_runs_and_device_processes_resume_to_identical_vectors(tmp_path: 
     first_shard = embeddings / first_model / "shard-0.h5"
     second_folder = embeddings / second_model
     lock_file = home / "storage" / "samples" / ".locks" / "reads.lock"
-    reference, killed, device_killed, last = Processes(), Processes(), Processes(), Processes()
+    from vnp_core.tiny_models import write_tiny_esm2
+
+    esm2_model = write_tiny_esm2(tmp_path / "models" / "esm2_t12_slow.pt", **SLOW_ESM2)
+    reference, killed, device_killed, last = (Processes(esm2_model) for _ in range(4))
     everyone = (reference, killed, device_killed, last)
     began = time.monotonic()
     try:
