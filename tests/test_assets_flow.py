@@ -103,3 +103,29 @@ def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.Cap
         assert instance.get_dynamic_partitions("samples") == ["flu"]
         assert instance.get_latest_materialization_event(AssetKey("virnucpro_predictions")) is not None
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1  # no GPU here: one slot
+
+    # A rerun with another classifier runs the calls alone: no embedder is loaded, no device process started.
+    from vnp_core.tiny_models import write_tiny_classifier
+
+    calls = sample / "predictions" / "prediction_results.txt"
+    first_calls = calls.read_bytes()
+    other = write_tiny_classifier(tmp_path / "other", in_features=128, chunk_length=500, seed=5)["state_dict"]
+    rerun = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "1", "--classifier", str(other)])
+    assert rerun.exit_code == 0, rerun.output
+    for stage in ("sequence_index", "embeddings", "merged_embeddings", "fp16_validation_report"):
+        assert f"{stage}: up to date (same models and settings), skipped" in rerun.output
+    assert "virnucpro_predictions: " in rerun.output and calls.read_bytes() != first_calls
+    assert "ready to run" not in capfd.readouterr().err
+
+    # An output removed by hand is remade, with everything below it; what is above it is not.
+    (sample / "embeddings" / "merged.h5").unlink()
+    rerun = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "1", "--classifier", str(other)])
+    assert rerun.exit_code == 0, rerun.output
+    assert "embeddings: up to date" in rerun.output and "merged_embeddings: up to date" not in rerun.output
+    assert "fp16_validation_report: up to date" not in rerun.output and (sample / "embeddings" / "merged.h5").exists()
+    assert "embed_shards ready to run" not in capfd.readouterr().err
+
+    # Another shard count is another index: every stage runs again.
+    rerun = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "2", "--classifier", str(other)])
+    assert rerun.exit_code == 0, rerun.output
+    assert "up to date" not in rerun.output and "embeddings (2 steps of 2 models)" in rerun.output

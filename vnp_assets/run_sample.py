@@ -28,12 +28,12 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
 
 from vnp_assets.instance import prepare_home
 from vnp_assets.platform import RESOURCES, build_definitions, resources_from_settings
@@ -60,6 +60,7 @@ class SampleRun:
     shards: int
     tiny_models: list[str]
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    up_to_date: list[str] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -68,6 +69,7 @@ class SampleRun:
         lines = [f"sample {self.sample} ({self.input}), {self.shards} shard(s) per model"]
         if self.tiny_models:
             lines.append(f"WARNING: {', '.join(self.tiny_models)}: {TINY_MODELS_NOTICE}")
+        lines += [f"{stage}: up to date (same models and settings), skipped" for stage in self.up_to_date]
         lines += [f"{stage}: {seconds:.1f} s" for stage, seconds in self.stage_seconds.items()]
         lines += [f"{label}: {path}" for label, path in self.outputs.items()]
         return "\n".join(lines)
@@ -106,6 +108,8 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
 
     run = SampleRun(sample, input, processing.num_shards, models.tiny_models_used())
     fields = resource_fields(resources)
+    layout = storage.layout(sample)
+    fresh = partial(up_to_date, instance, defs.resolve_asset_graph())
 
     def stage(label: str, work: Callable[..., object], *args) -> None:
         start = time.perf_counter()
@@ -117,28 +121,60 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
         defs.resolve_job_def(job).execute_in_process(partition_key=sample, asset_selection=[AssetKey(asset)],
                                                      instance=instance, run_config=console, tags=process_tags())
 
-    worker_count = slots
+    # A stage whose outputs are up to date is skipped (a rerun with another classifier embeds nothing and
+    # loads no embedder); once one stage runs, every later one runs too.
+    rerun = not fresh("sequence_index", sample, layout.index)
+    shards = [] if until == "sequence_index" else [shard for shard in range(processing.num_shards) if rerun or not all(
+        fresh(f"{model}_embeddings", sample_shard_key(sample, shard), layout.embeddings(model, shard)) for model in MODELS)]
+    worker_count = min(slots, len(shards))
     # With Ray the steps' processes are the cluster's actors: the workers need neither GPUs nor spares.
     local = gpus.executor == "local"
-    with shard_workers(gpus.devices if local else [], worker_count, home, spares=local) as workers:
-        stage("sequence_index", materialize_sample, "sequence_index")
-        if until != "sequence_index":
-            stage(f"embeddings ({processing.num_shards} steps of {len(MODELS)} models)", embed_all_shards, workers,
-                  worker_count, home, fields, sample, console)
-    if STAGES.index(until) >= STAGES.index("fp16_validation_report"):
-        from vnp_core.validate import REFERENCE_MODULES
+    with (shard_workers(gpus.devices if local else [], worker_count, home, spares=local) if shards
+          else nullcontext()) as workers:
+        if rerun:
+            stage("sequence_index", materialize_sample, "sequence_index")
+        else:
+            run.up_to_date.append("sequence_index")
+        if shards:
+            stage(f"embeddings ({len(shards)} steps of {len(MODELS)} models)", embed_all_shards, workers,
+                  worker_count, home, fields, sample, shards, console)
+        elif until != "sequence_index":
+            run.up_to_date.append("embeddings")
+    rerun = rerun or bool(shards)
+    later = STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]
+    made = {"merged_embeddings": layout.merged, "fp16_validation_report": layout.report_dir,
+            "virnucpro_predictions": layout.predictions_dir}
+    for asset in later:
+        if not (rerun := rerun or not fresh(asset, sample, made[asset])):
+            run.up_to_date.append(asset)
+            continue
+        if asset == "merged_embeddings" and "fp16_validation_report" in later:
+            from vnp_core.validate import REFERENCE_MODULES
 
-        # The validation's device process, its imports done during the merge.
-        start_spare_device_process(REFERENCE_MODULES)
-    for asset in STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]:
+            # The validation's device process, its imports done during the merge.
+            start_spare_device_process(REFERENCE_MODULES)
         stage(asset, materialize_sample, asset)
 
-    layout = storage.layout(sample)
     outputs = {"prep files": layout.prep_dir, "index": layout.index, "embedding shards": layout.embeddings_dir,
                "merged embeddings": layout.merged, "validation report": layout.report_dir,
                "predictions": layout.predictions_dir}
     run.outputs = {label: path for label, path in outputs.items() if path.exists()}  # those the stages run made
     return run
+
+
+def up_to_date(instance: DagsterInstance, asset_graph, asset: str, partition: str, *outputs: Path) -> bool:
+    """Whether `asset`'s `partition` needs no rerun: its last materialization has today's code version
+    (`vnp_assets.versions`: the models, precision and prep settings it was made with), the run that made
+    it succeeded (so its blocking checks passed), and its `outputs` are still there."""
+    key = AssetKey(asset)
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[partition]),
+                                              limit=1).records
+    if not records or not all(path.exists() for path in outputs):
+        return False
+    made_with = records[0].asset_materialization.tags.get("dagster/code_version")
+    made_by = instance.get_run_by_id(records[0].run_id)
+    return (made_with == asset_graph.get(key).code_version and made_by is not None
+            and made_by.status == DagsterRunStatus.SUCCESS)
 
 
 def resource_fields(resources: dict) -> dict[str, dict]:
@@ -190,13 +226,11 @@ def worker_instance(home: str) -> DagsterInstance:
 
 
 def embed_all_shards(workers: ProcessPoolExecutor, worker_count: int, home: Path, resource_fields: dict[str, dict],
-                     sample: str, console: dict) -> None:
+                     sample: str, shards: Sequence[int], console: dict) -> None:
     # The workers take the shards in order: a shard more than a worker count from the end has another after it.
-    num_shards = resource_fields["processing"]["num_shards"]
-    step_to_come = num_shards - worker_count
     outcomes = [workers.submit(materialize_shard, str(home), resource_fields, sample, shard, console=console,
-                               spare_after=shard < step_to_come)
-                for shard in range(num_shards)]
+                               spare_after=position < len(shards) - worker_count)
+                for position, shard in enumerate(shards)]
     if failures := [failure for outcome in outcomes if (failure := outcome.result()) is not None]:
         raise RuntimeError("embedding steps failed (rerun `vnp run`: finished shards are kept):\n" + "\n".join(failures))
 

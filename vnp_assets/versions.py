@@ -27,7 +27,9 @@ def asset_code_versions(storage: SampleStorage, processing: SampleProcessing, mo
     paths = models.paths(processing.chunk_length)
     checksum = _ChecksumCache(Path(storage.storage_root) / CHECKSUM_CACHE)
     embed = models.embed_config("cuda")
-    versions = {"sequence_index": _digest(f"chunk_length={processing.chunk_length}",
+    prep = processing.prep_config()
+    versions = {"sequence_index": _digest(f"chunk_length={prep.chunk_length}", f"num_shards={prep.num_shards}",
+                                          f"skip_bad_records={prep.skip_bad_records}",
                                           checksum(paths.embedders["dnabert_s"]))}  # it keeps DNABERT-S token ids
     for name in MODELS:
         versions[f"{name}_embeddings"] = _digest(versions["sequence_index"], checksum(paths.embedders[name]),
