@@ -159,6 +159,7 @@ def test_failed_blocking_check_keeps_merged_embeddings_from_running(
     checks = {(evaluation.asset_key.to_user_string(), evaluation.check_name): evaluation.passed
               for evaluation in result.get_asset_check_evaluations() if evaluation.check_name == "embeddings_finite"}
     assert checks == {("esm2_embeddings", "embeddings_finite"): True, ("dnabert_s_embeddings", "embeddings_finite"): False}
+    assert {evaluation.partition for evaluation in result.get_asset_check_evaluations()} == {"flu|1"}  # shown per shard
     assert not result.success
 
     automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)

@@ -53,8 +53,9 @@ def test_a_dropped_fasta_flows_through_sensor_and_automation_to_predictions(
         requested = [(key, partition) for asset in assets for key in asset.keys
                      for partition in sorted(automation.get_requested_partitions(key))]
 
+    # The report and the calls in one run: a failed blocking check of the report stops the calls inside it.
     assert materialized == [{"sequence_index"}, {"esm2_embeddings", "dnabert_s_embeddings"},
-                            {"merged_embeddings", "fp16_validation_report"}, {"virnucpro_predictions"}]
+                            {"merged_embeddings", "fp16_validation_report", "virnucpro_predictions"}]
     predictions = settings["storage"].layout("flu_sample").predictions_dir
     assert (predictions / "prediction_results.txt").read_text().startswith("Sequence_ID\tPrediction\tscore1\tscore2\n")
 
@@ -129,3 +130,22 @@ def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.Cap
     rerun = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "2", "--classifier", str(other)])
     assert rerun.exit_code == 0, rerun.output
     assert "up to date" not in rerun.output and "embeddings (2 steps of 2 models)" in rerun.output
+
+    # The store the runs filled: per model identity, what it holds and how often it served.
+    import json
+
+    stats = CliRunner().invoke(app, ["cache", "stats", "--home", str(home), "--json"])
+    assert stats.exit_code == 0, stats.output
+    report = json.loads(stats.output)
+    assert report["store"] == str(home / "storage" / "embedding_cache")
+    assert len(report["identities"]) == 2 and all(row["entries"] > 0 for row in report["identities"])
+    assert all(row["hits"] > 0 for row in report["identities"])  # the 2-shard run found every row stored
+    elsewhere = CliRunner().invoke(app, ["cache", "stats", "--store", str(home / "storage" / "embedding_cache"), "--json"])
+    assert json.loads(elsewhere.output)["identities"] == report["identities"]
+    dropped = report["identities"][0]["identity"]
+    pruned = CliRunner().invoke(app, ["cache", "prune", "--home", str(home), "--identity", dropped])
+    assert pruned.exit_code == 0 and f"dropped 1 model identity: {dropped}" in pruned.output
+    left = json.loads(CliRunner().invoke(app, ["cache", "stats", "--home", str(home), "--json"]).output)["identities"]
+    assert [row["identity"] for row in left] == [row["identity"] for row in report["identities"] if row["identity"] != dropped]
+    missing = CliRunner().invoke(app, ["cache", "stats", "--store", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "--store" in missing.output and "no embedding store there" in missing.output

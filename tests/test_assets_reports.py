@@ -101,6 +101,14 @@ def test_failing_report_blocks_the_predictions(vnp_resources: Resources, instanc
     automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     assert automation.get_num_requested(AssetKey("virnucpro_predictions")) == 0
 
+    # A new sample's report and calls run in one run (automation requests them on one tick): the failed
+    # check stops the calls inside it.
+    both = materialize(ASSETS, selection=["fp16_validation_report", "virnucpro_predictions"], partition_key="flu",
+                       resources=vnp_resources, instance=instance, raise_on_error=False)
+    assert not both.success and not both.asset_materializations_for_node("virnucpro_predictions")
+    assert [(check.check_name, check.passed, check.partition) for check in both.get_asset_check_evaluations()] == [
+        ("cosine_thresholds", False, "flu")]
+
 
 def test_classifier_of_the_other_chunk_length_is_refused(vnp_resources: Resources, make_resources,
                                                          instance: DagsterInstance, indexed_sample: str) -> None:

@@ -25,15 +25,8 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRun, D
 
 from vnp_assets.partitions import sample_shard_key
 from vnp_assets.resources import SampleStorage
-from vnp_assets.run_sample import (
-    HOST_TAG,
-    PID_TAG,
-    PROCESS_START_TAG,
-    SampleBusyError,
-    process_tags,
-    reclaim_dead_runs,
-    sample_lock,
-)
+from vnp_assets.run_liveness import HOST_TAG, PID_TAG, PROCESS_START_TAG, process_tags, reclaim_dead_runs
+from vnp_assets.run_sample import SampleBusyError, sample_lock
 from vnp_core.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,6 +285,52 @@ def test_dead_runs_are_marked_failed_and_their_gpu_slots_freed() -> None:
         claimed = {slot.run_id for slot in instance.event_log_storage.get_concurrency_info("gpu").claimed_slots}
         assert claimed == {alive.run_id, elsewhere.run_id}
         assert reclaim_dead_runs(instance) == []  # once
+
+
+# A run as the daemon launches it for the UI, a sensor or a backfill: its process executes the run with
+# none of vnp's tags (argv: home, ESM-2 checkpoint).
+_UNTAGGED_RUN = """
+import sys
+from pathlib import Path
+from dagster import DagsterInstance
+from vnp_assets.platform import build_definitions, resources_from_settings
+
+home = Path(sys.argv[1])
+defs = build_definitions(resources_from_settings({"esm2_model": sys.argv[2]}, home))
+defs.resolve_job_def("embed_shard").execute_in_process(partition_key="reads|0", instance=DagsterInstance.from_config(str(home)))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_launched_without_vnp_tags_is_found_by_its_gpu_step(tmp_path: Path) -> None:
+    """The GPU step tags its own run with its process: a run the daemon launched, killed while it holds
+    the `gpu` slot, is marked failed and its slot freed like a `vnp run`'s."""
+    from vnp_core.tiny_models import write_tiny_esm2
+
+    esm2_model = write_tiny_esm2(tmp_path / "models" / "esm2_t12_slow.pt", **SLOW_ESM2)
+    fasta, home = write_reads(tmp_path / "reads.fasta"), tmp_path / "home"
+    processes = Processes(esm2_model)
+    log = tmp_path / "run.log"
+    try:
+        assert finished(processes.vnp_run(fasta, home, log, until="sequence_index"), log) == 0, log.read_text()
+        with log.open("ab") as out:
+            run = subprocess.Popen([sys.executable, "-c", _UNTAGGED_RUN, str(home), str(esm2_model)], env=processes.env,
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_until(lambda: processes.writing_checkpoint(home / "storage" / "samples" / "reads" / "embeddings" / "esm2"),
+                   timeout=300, running=run, what="the untagged run's esm2 embedding", log=log)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        assert processes.gone_within(10) == []
+        with DagsterInstance.from_config(str(home)) as instance:
+            [killed] = [record for record in instance.get_runs() if record.status == DagsterRunStatus.STARTED]
+            assert killed.tags[PID_TAG] == str(run.pid)  # put there by the step, not by whoever launched it
+            assert [slot.run_id for slot in instance.event_log_storage.get_concurrency_info("gpu").claimed_slots] == [
+                killed.run_id]
+            assert reclaim_dead_runs(instance) == [killed.run_id]
+            assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
+            assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
+    finally:
+        processes.kill_all()
 
 
 def test_the_inbox_sensor_reclaims_dead_runs_for_the_ui(tmp_path: Path) -> None:

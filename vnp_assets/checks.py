@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
-from dagster import AssetCheckResult, AssetCheckSpec, AssetKey, AutomationCondition
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetKey,
+    AutomationCondition,
+    PartitionsDefinition,
+    PreviewWarning,
+)
 
 # A new sample flows on by itself: an asset's partition that is still missing runs once its inputs
 # are updated and their blocking checks passed (a failed check in an earlier run leaves the
@@ -20,19 +28,28 @@ FLOW_ON_AFTER_CHECKS = (
     & ~AutomationCondition.any_deps_missing()
     & ~AutomationCondition.any_deps_in_progress()
     & ~AutomationCondition.in_progress()
-    & AutomationCondition.all_deps_blocking_checks_passed()
+    # Not `all_deps_blocking_checks_passed()`: it maps the shards that passed to the sample, so one
+    # passed shard would let the merge go on past a failed one. Any shard whose blocking check has
+    # not passed maps to its sample and holds it back.
+    & ~AutomationCondition.any_deps_match(AutomationCondition.any_checks_match(
+        ~(AutomationCondition.check_passed() | AutomationCondition.will_be_requested()), blocking_only=True))
 ).with_label("new partitions and new code versions, after upstream checks pass")
 
 
-def shard_check_specs(asset_key: AssetKey) -> list[AssetCheckSpec]:
-    # Not partitioned (`partitions_def`) though the shards are: dagster 1.13's blocking-check condition
-    # does not map partitioned check results through the sample x shard -> sample mapping, and a failed
-    # shard check then no longer holds the merge back (tests/test_assets_embeddings.py).
+def partitioned_check(name: str, asset: AssetKey | str, partitions_def: PartitionsDefinition,
+                      description: str) -> AssetCheckSpec:
+    """A blocking check with a result per partition of its asset (a preview feature of dagster 1.13)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PreviewWarning)
+        return AssetCheckSpec(name, asset=asset, blocking=True, partitions_def=partitions_def, description=description)
+
+
+def shard_check_specs(asset_key: AssetKey, partitions_def: PartitionsDefinition) -> list[AssetCheckSpec]:
     return [
-        AssetCheckSpec("embeddings_finite", asset=asset_key, blocking=True, description="No NaN or Inf in any vector."),
-        AssetCheckSpec("rows_match_index", asset=asset_key, blocking=True,
-                       description="One row per kept frame of this shard in the sequence index."),
-        AssetCheckSpec("ids_unique", asset=asset_key, blocking=True, description="No id appears twice."),
+        partitioned_check("embeddings_finite", asset_key, partitions_def, "No NaN or Inf in any vector."),
+        partitioned_check("rows_match_index", asset_key, partitions_def,
+                          "One row per kept frame of this shard in the sequence index."),
+        partitioned_check("ids_unique", asset_key, partitions_def, "No id appears twice."),
     ]
 
 

@@ -24,14 +24,14 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
 from typer import _click as click
 from typer.core import TyperGroup
 from typer.exceptions import Abort
 
-from vnp_core.config import ESM2_MAX_RESIDUES, EmbedConfig, PrepConfig
+from vnp_core.config import ESM2_MAX_RESIDUES, AttentionBackend, EmbedConfig, PrepConfig
 
 # An error message is cut to this many characters: one line a terminal can show.
 MAX_MESSAGE = 600
@@ -572,17 +572,13 @@ def prep(
 _DEVICE = typer.Option("--device", help="cpu, cuda or cuda:N.")
 _DTYPE = typer.Option("--dtype", help="float32, float16 or bfloat16.")
 _MAX_TOKENS = typer.Option("--max-tokens", help="Token budget of one pack (default: sized from free device memory).")
-_BACKEND = typer.Option("--attention", help="auto, flash_attn, torch_varlen, sdpa_padded, sdpa_reference or flex.")
+_BACKEND = typer.Option("--attention", help=f"One of {', '.join(get_args(AttentionBackend))}.")
 _COMPILE = typer.Option("--compile/--no-compile", help="torch.compile each layer on CUDA (faster; first pack pays the compile).")
 _WORKERS = typer.Option("--workers", help="CPU processes that tokenise before the device loop (0: none).")
 
 
 def _embed(model_name: str, input: Path, model: Path, out: Path, *, device: str, dtype: str, max_tokens: int | None,
            attention: str, workers: int, compile_layers: bool, max_protein_length: int = ESM2_MAX_RESIDUES) -> None:
-    from typing import get_args
-
-    from vnp_core.config import AttentionBackend
-
     _check_device(device)
     _check_choice("--dtype", dtype, DTYPES)
     _check_at_least("--max-tokens", max_tokens, 1, " (tokens in one pack)")
@@ -728,20 +724,24 @@ def run(
 _HOME = typer.Option("--home", help="The home whose embedding store this is (as given to vnp run).")
 
 
+_STORE = typer.Option("--store", help="The store's folder, where it is not the home's (a node-local `embedding_cache_dir`).")
+
+
 @cache_app.command("stats")
 def cache_stats(
     home: Annotated[Path, _HOME] = Path("vnp_home"),
+    store_dir: Annotated[Optional[Path], _STORE] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Per model identity: entries, bytes, hits and misses so far, and when it was last used."""
-    with _embedding_store(home) as store:
+    with _embedding_store(home, store_dir) as store:
         identities = [{"identity": s.identity.key, "model": s.identity.description, "entries": s.entries,
                        "bytes": s.size_bytes, "hits": s.hits, "misses": s.misses,
                        "hit_rate": round(s.hit_rate, 4), "last_used": s.last_used} for s in store.stats()]
     if as_json:
-        typer.echo(json.dumps({"store": str(_store_dir(home)), "identities": identities}))
+        typer.echo(json.dumps({"store": str(_store_dir(home, store_dir)), "identities": identities}))
         return
-    typer.echo(f"embedding store {_store_dir(home)}: {len(identities)} model identit{'y' if len(identities) == 1 else 'ies'}")
+    typer.echo(f"embedding store {_store_dir(home, store_dir)}: {len(identities)} model identit{'y' if len(identities) == 1 else 'ies'}")
     for row in identities:
         typer.echo(f"{row['identity']}  {row['model']}: {row['entries']:,} entries, {row['bytes']:,} bytes, "
                    f"{row['hits']:,} hits, {row['misses']:,} misses ({row['hit_rate']:.1%})")
@@ -750,6 +750,7 @@ def cache_stats(
 @cache_app.command("prune")
 def cache_prune(
     home: Annotated[Path, _HOME] = Path("vnp_home"),
+    store_dir: Annotated[Optional[Path], _STORE] = None,
     identity: Annotated[Optional[str], typer.Option("--identity", help="Drop this model identity (a key from `vnp cache stats`).")] = None,
     older_than_days: Annotated[Optional[float], typer.Option("--older-than-days", help="Drop identities unused for this many days.")] = None,
 ) -> None:
@@ -757,25 +758,27 @@ def cache_prune(
     if identity is None and older_than_days is None:
         raise DoorError("vnp cache prune: say what to drop: --identity KEY (see vnp cache stats) or --older-than-days N")
     _check_at_least("--older-than-days", older_than_days, 0)
-    with _embedding_store(home) as store:
+    with _embedding_store(home, store_dir) as store:
         known = {s.identity.key for s in store.stats()}
         if identity is not None and identity not in known:
-            raise DoorError(f"--identity {identity}: no such model identity in {_store_dir(home)}: see vnp cache stats")
+            raise DoorError(f"--identity {identity}: no such model identity in {_store_dir(home, store_dir)}: see vnp cache stats")
         dropped = store.prune(identity, None if older_than_days is None else older_than_days * 86400)
     typer.echo(f"dropped {len(dropped)} model identit{'y' if len(dropped) == 1 else 'ies'}: {', '.join(dropped) or 'none'}")
 
 
-def _store_dir(home: Path) -> Path:
-    return home / "storage" / "embedding_cache"
+def _store_dir(home: Path, store_dir: Path | None) -> Path:
+    return store_dir or home / "storage" / "embedding_cache"
 
 
 @contextmanager
-def _embedding_store(home: Path) -> Iterator:
+def _embedding_store(home: Path, store_dir: Path | None) -> Iterator:
     from vnp_core.embedding_cache import EmbeddingCache
 
-    if not (_store_dir(home) / "data.mdb").is_file():
-        raise DoorError(f"--home {home}: no embedding store there ({_store_dir(home)}): run vnp run with this home first")
-    with EmbeddingCache.open(_store_dir(home)) as store:
+    where = _store_dir(home, store_dir)
+    if not (where / "data.mdb").is_file():
+        named = f"--store {store_dir}" if store_dir else f"--home {home}"
+        raise DoorError(f"{named}: no embedding store there ({where}): run vnp run with this home first")
+    with EmbeddingCache.open(where) as store:
         yield store
 
 

@@ -31,6 +31,10 @@ class SampleStorage(ConfigurableResource):
         default=10.0, description="A dropped file is taken only once it has not changed for this long (copies in progress).")
     embedding_cache: bool = Field(
         default=True, description="Keep every vector in a store under the storage root and embed each sequence once per model.")
+    embedding_cache_dir: str | None = Field(
+        default=None, description="Where the embedding store lives (default: <storage_root>/embedding_cache). On a Ray "
+                                  "cluster whose storage root is a network file system, a node-local path: each node "
+                                  "then keeps its own store (LMDB's lock does not work over NFS).")
 
     def layout(self, sample: str) -> SampleLayout:
         return SampleLayout(self.samples_dir / sample)
@@ -38,7 +42,9 @@ class SampleStorage(ConfigurableResource):
     @property
     def cache_dir(self) -> Path | None:
         """The embedding store (`vnp_core.embedding_cache`), None when it is turned off."""
-        return Path(self.storage_root) / "embedding_cache" if self.embedding_cache else None
+        if not self.embedding_cache:
+            return None
+        return Path(self.embedding_cache_dir or Path(self.storage_root) / "embedding_cache")
 
     @property
     def samples_dir(self) -> Path:

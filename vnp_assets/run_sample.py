@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,10 +32,11 @@ from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRunStatus, Definitions
 
 from vnp_assets.instance import prepare_home
 from vnp_assets.platform import RESOURCES, build_definitions, resources_from_settings
+from vnp_assets.run_liveness import process_tags, reclaim_dead_runs
 from vnp_assets.partitions import sample_shard_key
 from vnp_assets.resources import SampleStorage
 from vnp_assets.samples import clean_staging, register_sample, sample_name
@@ -258,61 +258,6 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
 def worker_definitions(fields_json: str) -> Definitions:
     """The definitions of `materialize_shard`'s resource fields (as JSON), built once per worker process."""
     return build_definitions({key: RESOURCES[key](**fields) for key, fields in json.loads(fields_json).items()})
-
-
-# Run tags: which process executes a run, so that a later `vnp run` can tell a dead run from a live one.
-HOST_TAG, PID_TAG, PROCESS_START_TAG = "vnp/host", "vnp/pid", "vnp/process_start"
-# The states of a run whose process may have died under it (a finished run holds no slot).
-UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
-              DagsterRunStatus.CANCELING]
-
-
-def process_tags() -> dict[str, str]:
-    """This process, as run tags: host name, pid and start time (a reused pid is not the same process)."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-            PROCESS_START_TAG: str(_process_start(os.getpid()) or "")}
-
-
-def _process_start(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat's 22nd field); None if unknown."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19])  # the fields after the command name start at the 3rd
-
-
-def process_alive(pid: int, start: str = "") -> bool:
-    """Whether process `pid` still runs, and is the one that started at `start` (when known)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        pass
-    state = Path(f"/proc/{pid}/stat")
-    try:
-        if state.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False  # exited, not yet reaped
-    except (OSError, IndexError):
-        pass
-    return not start or str(_process_start(pid) or start) == start
-
-
-def reclaim_dead_runs(instance: DagsterInstance) -> list[str]:
-    """Mark failed the runs of this host whose process is gone (killed: they stay STARTED forever) and
-    free their `gpu` pool slots; their ids. Only runs tagged by `process_tags` (those of `vnp run`)."""
-    host = socket.gethostname()
-    reclaimed = []
-    for run in instance.get_runs(RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
-        pid = run.tags.get(PID_TAG, "")
-        if not pid.isdigit() or process_alive(int(pid), run.tags.get(PROCESS_START_TAG, "")):
-            continue
-        instance.report_run_failed(run, message=f"the process that ran this run (pid {pid} on {host}) is gone, "
-                                               "killed: marked failed by a later vnp run, its gpu slots freed")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        reclaimed.append(run.run_id)
-    return reclaimed
 
 
 class SampleBusyError(ValueError):

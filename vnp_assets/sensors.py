@@ -42,8 +42,8 @@ so nothing is lost: the same files are tried again at the next tick.
 Staged copies (`<storage_root>/samples/.incoming/`) older than an hour are leftovers of a tick
 that was killed while copying: each tick removes them first.
 
-Each tick also marks failed the runs of a killed `vnp run` on this host (still STARTED, their
-process gone) and frees their `gpu` pool slots (`run_sample.reclaim_dead_runs`): the steps that the
+Each tick also marks failed the runs on this host whose process was killed (still STARTED, their
+process gone: a `vnp run`, or a run the daemon launched) and frees their `gpu` pool slots (`run_liveness.reclaim_dead_runs`): the steps that the
 UI queues on the pool would otherwise wait for those slots forever.
 """
 
@@ -70,6 +70,7 @@ from dagster import (
 
 from vnp_assets.partitions import samples_partitions
 from vnp_assets.resources import SampleStorage
+from vnp_assets.run_liveness import reclaim_dead_runs
 from vnp_assets.samples import RejectedDrop, clean_staging, describe_file_type, register_sample, sample_name
 
 # Bounds one tick's copying (a tick must finish well inside Dagster's 60 s); the rest waits a tick.
@@ -131,10 +132,8 @@ def fasta_inbox_sensor(context: SensorEvaluationContext, storage: SampleStorage)
                             cursor=context.cursor)
     if removed := clean_staging(storage):
         context.log.info(f"removed {len(removed)} staged cop(ies) left by an interrupted tick in {storage.staging_dir}")
-    from vnp_assets.run_sample import reclaim_dead_runs  # here: run_sample imports the definitions, which import this
-
     for run_id in reclaim_dead_runs(context.instance):
-        context.log.warning(f"run {run_id}: its vnp run process is gone (killed): marked failed, its gpu slots freed")
+        context.log.warning(f"run {run_id}: its process is gone (killed): marked failed, its gpu slots freed")
     settled_before_ns = time.time_ns() - int(storage.inbox_settle_seconds * 1e9)
     registered = set(context.instance.get_dynamic_partitions(samples_partitions.name))
     new_samples: list[str] = []

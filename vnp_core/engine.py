@@ -42,8 +42,9 @@ from vnp_core.store import ShardCheckpoint, describe_ids, read_attrs, read_embed
 
 log = logging.getLogger(__name__)
 
-# Pack budget on a CPU, where there is no free-memory figure to size it from.
-CPU_MAX_TOKENS = 16384
+# Pack budget on a CPU, where there is no free-memory figure to size it from: small packs keep each
+# layer's activations in cache (bench/BENCHMARKS.md, "CPU embedding").
+CPU_MAX_TOKENS = 4096
 # Activation vectors of the model's width alive per token inside one layer (q, k, v, the 4x
 # feed-forward and its GELU, residual, norms), with headroom. inference_mode frees each layer's
 # activations before the next runs, so the depth does not matter.

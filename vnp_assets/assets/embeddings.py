@@ -28,6 +28,7 @@ from vnp_assets.checks import FLOW_ON_AFTER_CHECKS, shard_check_results, shard_c
 from vnp_assets.metadata import warn_if_tiny
 from vnp_assets.partitions import by_sample
 from vnp_assets.resources import GpuPool, ModelSet, SampleProcessing, SampleStorage
+from vnp_assets.run_liveness import tag_run_with_this_process
 # What the device process runs lives in vnp_core, so that process imports no Dagster.
 from vnp_core.engine import ShardJob, embed_shards
 from vnp_core.index import ShardRows
@@ -57,10 +58,11 @@ def build_embedding_assets(partitions_def: MultiPartitionsDefinition) -> AssetsD
         partitions_def=partitions_def,
         can_subset=True,
         pool="gpu",
-        check_specs=[spec for model in MODELS for spec in shard_check_specs(embedding_key(model))],
+        check_specs=[spec for model in MODELS for spec in shard_check_specs(embedding_key(model), partitions_def)],
     )
     def shard_embeddings(context: AssetExecutionContext, storage: SampleStorage, processing: SampleProcessing,
                          models: ModelSet, gpus: GpuPool) -> Iterator[MaterializeResult]:
+        tag_run_with_this_process(context.instance, context.run.run_id)  # it holds a gpu slot now
         keys = context.partition_key.keys_by_dimension
         sample, shard = keys["sample"], int(keys["shard"])
         selected = [model for model in MODELS if embedding_key(model) in context.selected_asset_keys]

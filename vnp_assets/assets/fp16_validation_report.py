@@ -5,7 +5,6 @@ import base64
 import numpy as np
 from dagster import (
     AssetCheckResult,
-    AssetCheckSpec,
     AssetExecutionContext,
     MaterializeResult,
     MetadataValue,
@@ -13,10 +12,11 @@ from dagster import (
 )
 
 from vnp_assets.assets.merged_embeddings import merged_embeddings
-from vnp_assets.checks import FLOW_ON_AFTER_CHECKS
+from vnp_assets.checks import FLOW_ON_AFTER_CHECKS, partitioned_check
 from vnp_assets.metadata import histogram_thumbnail
 from vnp_assets.partitions import samples_partitions
 from vnp_assets.resources import GpuPool, ModelSet, SampleProcessing, SampleStorage
+from vnp_assets.run_liveness import tag_run_with_this_process
 from vnp_core.models import MODELS
 
 
@@ -24,8 +24,8 @@ from vnp_core.models import MODELS
     partitions_def=samples_partitions,
     deps=[merged_embeddings],
     pool="gpu",  # the fp32 reference of a real ESM-2 needs a GPU as much as production does
-    check_specs=[AssetCheckSpec("cosine_thresholds", asset="fp16_validation_report", blocking=True,
-                                description="Every model's embeddings agree with its fp32 reference within the thresholds.")],
+    check_specs=[partitioned_check("cosine_thresholds", "fp16_validation_report", samples_partitions,
+                                   "Every model's embeddings agree with its fp32 reference within the thresholds.")],
     automation_condition=FLOW_ON_AFTER_CHECKS,
     group_name="validation",
     kinds={"json", "parquet"},
@@ -44,6 +44,7 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
         write_report,
     )
 
+    tag_run_with_this_process(context.instance, context.run.run_id)  # it holds a gpu slot now
     sample = context.partition_key
     layout = storage.layout(sample)
     merged = read_merged(layout.merged)

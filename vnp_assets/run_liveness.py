@@ -1,0 +1,77 @@
+"""Which process executes a run, so that a run whose process was killed is found and failed.
+
+A killed process leaves its run STARTED in the instance forever, holding its `gpu` pool slot, so
+every later GPU step would wait for that slot. Each run is tagged with the host, pid and start time
+of the process that executes it (`process_tags`): `vnp run` tags its runs when it launches them, and
+every GPU step tags its own run as it starts (`tag_run_with_this_process`), which covers the runs the
+daemon launches for the UI, the sensor and backfills (Dagster's default run launcher cannot tell
+whether their worker still lives). `reclaim_dead_runs`, called by every `vnp run` and every inbox
+sensor tick, marks failed the runs of this host whose process is gone and frees their slots.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+HOST_TAG, PID_TAG, PROCESS_START_TAG = "vnp/host", "vnp/pid", "vnp/process_start"
+# The states of a run whose process may have died under it (a finished run holds no slot).
+UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
+              DagsterRunStatus.CANCELING]
+
+
+def process_tags() -> dict[str, str]:
+    """This process, as run tags: host name, pid and start time (a reused pid is not the same process)."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            PROCESS_START_TAG: str(_process_start(os.getpid()) or "")}
+
+
+def tag_run_with_this_process(instance: DagsterInstance, run_id: str) -> None:
+    """Tag run `run_id` with this process (`process_tags`): the step's process is the run's, in-process."""
+    instance.add_run_tags(run_id, process_tags())
+
+
+def _process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat's 22nd field); None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])  # the fields after the command name start at the 3rd
+
+
+def process_alive(pid: int, start: str = "") -> bool:
+    """Whether process `pid` still runs, and is the one that started at `start` (when known)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    state = Path(f"/proc/{pid}/stat")
+    try:
+        if state.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False  # exited, not yet reaped
+    except (OSError, IndexError):
+        pass
+    return not start or str(_process_start(pid) or start) == start
+
+
+def reclaim_dead_runs(instance: DagsterInstance) -> list[str]:
+    """Mark failed the runs of this host whose process is gone (killed: they stay STARTED forever) and
+    free their `gpu` pool slots; their ids. Only runs tagged by `process_tags`: a run that never reached
+    a GPU step may be a daemon's, whose process is not known."""
+    host = socket.gethostname()
+    reclaimed = []
+    for run in instance.get_runs(RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
+        pid = run.tags.get(PID_TAG, "")
+        if not pid.isdigit() or process_alive(int(pid), run.tags.get(PROCESS_START_TAG, "")):
+            continue
+        instance.report_run_failed(run, message=f"the process that ran this run (pid {pid} on {host}) is gone, "
+                                               "killed: marked failed, its gpu slots freed")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        reclaimed.append(run.run_id)
+    return reclaimed
