@@ -92,6 +92,11 @@ def prepare_home(home: Path, *, postgres_url: str | None = None, gpu_slots: int)
         instance = DagsterInstance.from_config(str(home))
         if GPU_POOL not in instance.event_log_storage.get_concurrency_keys():
             instance.event_log_storage.set_concurrency_slots(GPU_POOL, gpu_slots)
+        if created:
+            # Where the daemon's run-retry consumer starts reading (dagster's cursor keys): a new home
+            # has no older run to retry, and without them its first start warns that it ignores them.
+            instance.daemon_cursor_storage.set_cursor_values(
+                {f"EVENT_LOG_CONSUMER_CURSOR-{event}": "0" for event in ("RUN_FAILURE", "RUN_SUCCESS")})
     except BaseException as error:
         where = _describe(_storage_of(config), home)
         if instance is not None:

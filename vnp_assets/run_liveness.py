@@ -1,12 +1,15 @@
-"""Which process executes a run, so that a run whose process was killed is found and failed.
+"""Which process executes a run, so that a run whose process was killed is found, failed and its
+`gpu` pool slots freed.
 
-A killed process leaves its run STARTED in the instance forever, holding its `gpu` pool slot, so
-every later GPU step would wait for that slot. Each run is tagged with the host, pid and start time
-of the process that executes it (`process_tags`): `vnp run` tags its runs when it launches them, and
-every GPU step tags its own run as it starts (`tag_run_with_this_process`), which covers the runs the
-daemon launches for the UI, the sensor and backfills (Dagster's default run launcher cannot tell
-whether their worker still lives). `reclaim_dead_runs`, called by every `vnp run` and every inbox
-sensor tick, marks failed the runs of this host whose process is gone and frees their slots.
+A run whose process is killed stays STARTED forever unless something notices: the code server that
+launched a daemon's run marks it failed, if that server still lives, but leaves its slot claimed.
+Either way every later GPU step, the run's own retry included, would wait for that slot forever.
+Each run is tagged with the host, pid and start time of the process that executes it
+(`process_tags`): `vnp run` tags its runs when it launches them, and every GPU step tags its own run
+as it starts (`tag_run_with_this_process`), which covers the runs the daemon launches for the UI, the
+sensor, backfills and retries. `reclaim_dead_runs`, called by every `vnp run` and every inbox sensor
+tick, marks failed the runs of this host whose process is gone and frees the slots of every run that
+has ended; the daemon then retries the failed runs (`run_retries` in dagster.yaml).
 """
 
 from __future__ import annotations
@@ -74,4 +77,17 @@ def reclaim_dead_runs(instance: DagsterInstance) -> list[str]:
                                                "killed: marked failed, its gpu slots freed")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         reclaimed.append(run.run_id)
+    free_slots_of_finished_runs(instance)
     return reclaimed
+
+
+def free_slots_of_finished_runs(instance: DagsterInstance, pool: str = "gpu") -> list[str]:
+    """Free the `pool` slots still claimed by runs that have ended; their ids. A run whose process was
+    killed and which Dagster's code server then marked failed keeps its slot, and its own retry would
+    wait for that slot forever."""
+    info = instance.event_log_storage.get_concurrency_info(pool)
+    holders = {slot.run_id for slot in info.claimed_slots} | {step.run_id for step in info.pending_steps}
+    ended = sorted(run_id for run_id in holders if (run := instance.get_run_by_id(run_id)) is None or run.is_finished)
+    for run_id in ended:
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+    return ended

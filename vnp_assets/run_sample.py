@@ -119,7 +119,7 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
     def materialize_sample(asset: str) -> None:
         job = "index_sample" if asset == "sequence_index" else "finish_sample"
         defs.resolve_job_def(job).execute_in_process(partition_key=sample, asset_selection=[AssetKey(asset)],
-                                                     instance=instance, run_config=console, tags=process_tags())
+                                                     instance=instance, run_config=console, tags=vnp_run_tags())
 
     # A stage whose outputs are up to date is skipped (a rerun with another classifier embeds nothing and
     # loads no embedder); once one stage runs, every later one runs too.
@@ -160,6 +160,12 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
                "predictions": layout.predictions_dir}
     run.outputs = {label: path for label, path in outputs.items() if path.exists()}  # those the stages run made
     return run
+
+
+def vnp_run_tags() -> dict[str, str]:
+    """The tags of `vnp run`'s runs: the process that executes them (`process_tags`), and no retry by a
+    daemon that serves the same home (it would rerun them with its own settings; `vnp run` resumes)."""
+    return {**process_tags(), "dagster/max_retries": "0"}
 
 
 def up_to_date(instance: DagsterInstance, asset_graph, asset: str, partition: str, *outputs: Path) -> bool:
@@ -245,7 +251,7 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
     result = worker_definitions(json.dumps(resource_fields, sort_keys=True)).resolve_job_def("embed_shard").execute_in_process(
         partition_key=sample_shard_key(sample, shard), asset_selection=[AssetKey(f"{model}_embeddings") for model in models],
         instance=worker_instance(home), run_config=console or console_at("INFO"), raise_on_error=False,
-        tags=process_tags())
+        tags=vnp_run_tags())
     if spare_after and _spare_imports is not None:
         start_spare_device_process(_spare_imports)
     if result.success:

@@ -122,7 +122,8 @@ def scan_inbox(inbox: Path, after: Arrival, settled_before_ns: int) -> list[Drop
 @sensor(job_name="index_sample", default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=30,
         description="Registers each FASTA dropped into the inbox as a sample and requests its sequence_index. "
                     "A drop that cannot be a sample (a link, a directory, unreadable...) is skipped and "
-                    "recorded under the asset inbox_rejected_drops. Also frees the gpu slots of killed vnp runs.")
+                    "recorded under the asset inbox_rejected_drops. Also fails the runs whose process was killed, "
+                    "freeing their gpu slots (the daemon then retries them).")
 def fasta_inbox_sensor(context: SensorEvaluationContext, storage: SampleStorage) -> SensorResult:
     """Registers each new FASTA of the inbox as a sample and requests its `sequence_index`."""
     cursor = Arrival(*json.loads(context.cursor)) if context.cursor else Arrival(-1, "")
