@@ -76,6 +76,8 @@ def test_a_killed_daemon_and_its_killed_run_recover_to_identical_vectors(tmp_pat
         with DagsterInstance.from_config(str(home)) as instance:
             wait_until(lambda: instance.get_latest_materialization_event(AssetKey("virnucpro_predictions")),
                        timeout=600, running=daemons[1], what="the calls after the new daemon took over", log=log)
+            wait_until(lambda: all(run.is_finished for run in instance.get_runs()), timeout=120, running=daemons[1],
+                       what="the last run's end", log=log)
             runs = instance.get_runs()
             assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
             retried = [run for run in runs if run.parent_run_id == killed.run_id]

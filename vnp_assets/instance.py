@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import yaml
-from dagster import DagsterInstance
+from dagster import DagsterEventType, DagsterInstance
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 GPU_POOL = "gpu"
@@ -96,7 +96,8 @@ def prepare_home(home: Path, *, postgres_url: str | None = None, gpu_slots: int)
             # Where the daemon's run-retry consumer starts reading (dagster's cursor keys): a new home
             # has no older run to retry, and without them its first start warns that it ignores them.
             instance.daemon_cursor_storage.set_cursor_values(
-                {f"EVENT_LOG_CONSUMER_CURSOR-{event}": "0" for event in ("RUN_FAILURE", "RUN_SUCCESS")})
+                {f"EVENT_LOG_CONSUMER_CURSOR-{event.value}": "0"
+                 for event in (DagsterEventType.RUN_FAILURE, DagsterEventType.RUN_SUCCESS)})
     except BaseException as error:
         where = _describe(_storage_of(config), home)
         if instance is not None:
