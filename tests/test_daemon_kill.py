@@ -1,6 +1,7 @@
-"""The daemon killed with SIGKILL while a run it launched embeds, together with that run's process:
-a new daemon carries the sample to the end, the killed run failed, retried and resumed, with vectors
-identical to an uninterrupted `vnp run`'s, and nothing left running.
+"""Two samples dropped at once; the daemon killed with SIGKILL while a run it launched embeds, together
+with that run's process: a new daemon carries both samples to the end, the killed run failed, retried
+and resumed, with vectors identical to an uninterrupted `vnp run`'s, the GPU steps one at a time on
+the pool's one slot, and nothing left running.
 
 No webserver: the daemon alone drives a sample dropped into the inbox (sensor, automation, run
 retries). Every process carries the test's token (tests/test_kill_resume.py's `Processes`).
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 from services import VENV_BIN, stop_process_groups, with_default_signals
-from test_kill_resume import SLOW_ESM2, Processes, finished, merged, wait_until, write_reads
+from test_kill_resume import FLU, SLOW_ESM2, Processes, finished, merged, step_spans, wait_until, write_reads
 
 from vnp_assets.instance import prepare_home
 from vnp_assets.run_liveness import PID_TAG
@@ -56,7 +57,8 @@ def test_a_killed_daemon_and_its_killed_run_recover_to_identical_vectors(tmp_pat
     settings.write_text(f"inbox_settle_seconds: 0\nesm2_model: {esm2_model}\nclassifier: {classifier['state_dict']}\n")
     env = {**processes.env, "DAGSTER_HOME": str(home), "VNP_SETTINGS": str(settings), "PYTHONUNBUFFERED": "1",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    shutil.copyfile(fasta, home / "inbox" / fasta.name)
+    for drop in (fasta, FLU):
+        shutil.copyfile(drop, home / "inbox" / drop.name)
     esm2_folder = home / "storage" / "samples" / "reads" / "embeddings" / "esm2"
     daemons: list[subprocess.Popen] = []
     try:
@@ -74,8 +76,9 @@ def test_a_killed_daemon_and_its_killed_run_recover_to_identical_vectors(tmp_pat
 
         daemons.append(start_daemon(home, env, log))
         with DagsterInstance.from_config(str(home)) as instance:
-            wait_until(lambda: instance.get_latest_materialization_event(AssetKey("virnucpro_predictions")),
-                       timeout=600, running=daemons[1], what="the calls after the new daemon took over", log=log)
+            samples = {"reads", FLU.name.removesuffix(".fasta")}
+            wait_until(lambda: instance.get_materialized_partitions(AssetKey("virnucpro_predictions")) == samples,
+                       timeout=600, running=daemons[1], what="both samples' calls after the new daemon took over", log=log)
             wait_until(lambda: all(run.is_finished for run in instance.get_runs()), timeout=120, running=daemons[1],
                        what="the last run's end", log=log)
             runs = instance.get_runs()
@@ -84,6 +87,8 @@ def test_a_killed_daemon_and_its_killed_run_recover_to_identical_vectors(tmp_pat
             assert len(retried) == 1 and retried[0].status == DagsterRunStatus.SUCCESS, [
                 (run.run_id, run.status, run.parent_run_id) for run in runs]
             assert not [run for run in runs if not run.is_finished]
+            spans = sorted(step_spans(instance, "shard_embeddings") + step_spans(instance, "fp16_validation_report"))
+            assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"GPU steps overlapped: {spans}"
         assert finished(reference, reference_log) == 0, reference_log.read_text()[-3000:]
         resumed, expected = merged(home, "reads"), merged(tmp_path / "reference", "reads")
         for name in expected:
