@@ -1,4 +1,4 @@
-"""Two samples dropped at once; the daemon killed with SIGKILL while a run it launched embeds, together
+"""Two samples dropped at once, a backfill launched during their runs; the daemon killed with SIGKILL while a run it launched embeds, together
 with that run's process: a new daemon carries both samples to the end, the killed run failed, retried
 and resumed, with vectors identical to an uninterrupted `vnp run`'s, the GPU steps one at a time on
 the pool's one slot, and nothing left running.
@@ -75,6 +75,12 @@ def test_a_killed_daemon_and_its_killed_run_recover_to_identical_vectors(tmp_pat
             assert killed.tags[PID_TAG] == str(run_process)
 
         daemons.append(start_daemon(home, env, log))
+        # A backfill of both samples' first shards, launched while the killed run waits for its retry.
+        backfill = subprocess.run(
+            [str(VENV_BIN / "dagster"), "job", "backfill", "-w", str(REPO / "workspace.yaml"), "-j", "embed_shard",
+             "--partitions", f"reads|0,{FLU.stem}|0", "--noprompt"],
+            cwd=home, env=env, capture_output=True, text=True, timeout=300)
+        assert backfill.returncode == 0, backfill.stdout + backfill.stderr
         with DagsterInstance.from_config(str(home)) as instance:
             samples = {"reads", FLU.name.removesuffix(".fasta")}
             wait_until(lambda: instance.get_materialized_partitions(AssetKey("virnucpro_predictions")) == samples,
@@ -87,6 +93,10 @@ def test_a_killed_daemon_and_its_killed_run_recover_to_identical_vectors(tmp_pat
             assert len(retried) == 1 and retried[0].status == DagsterRunStatus.SUCCESS, [
                 (run.run_id, run.status, run.parent_run_id) for run in runs]
             assert not [run for run in runs if not run.is_finished]
+            # (Automation's own runs carry a backfill tag too: it requests several partitions as one.)
+            backfilled = [run for run in runs if run.job_name == "embed_shard" and "dagster/backfill" in run.tags]
+            assert len(backfilled) == 2 and all(run.status == DagsterRunStatus.SUCCESS for run in backfilled), [
+                (run.run_id, run.status, run.tags.get("dagster/partition")) for run in backfilled]
             spans = sorted(step_spans(instance, "shard_embeddings") + step_spans(instance, "fp16_validation_report"))
             assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), f"GPU steps overlapped: {spans}"
         assert finished(reference, reference_log) == 0, reference_log.read_text()[-3000:]
