@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services import free_port, stop_process_groups
+
 ray = pytest.importorskip("ray")
 
 from vnp_assets import ray_execution  # noqa: E402
@@ -45,12 +47,6 @@ pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 RAY = Path(sys.executable).with_name("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -80,27 +76,6 @@ def _alive_members(group: int) -> list[str]:
     return members
 
 
-def _stop_group(node: subprocess.Popen) -> None:
-    """Stop a `ray start --block` and every process of its group: ours, by their group id."""
-    if node.poll() is None:
-        node.terminate()  # `ray start --block` stops its node's processes on SIGTERM
-        try:
-            node.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + 10
-    while _alive_members(node.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _alive_members(node.pid):
-        os.killpg(node.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while _alive_members(node.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    if node.poll() is None:
-        node.kill()
-        node.wait()
-
-
 @pytest.fixture(scope="module")
 def loopback_cluster():
     # Ray's socket paths must stay under 108 bytes: a short folder of our own, not pytest's tmp_path.
@@ -124,8 +99,8 @@ def loopback_cluster():
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        for node in reversed(nodes):
-            _stop_group(node)
+        for node in reversed(nodes):  # `ray start --block` stops its node's processes on SIGTERM
+            stop_process_groups([node], grace_s=20)
         left = [member for node in nodes for member in _alive_members(node.pid)]
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray processes left running: {left}"
@@ -368,7 +343,7 @@ def test_progress_is_logged_while_the_step_runs(cluster, log, caplog):
 
 
 @dataclass
-class FakeProgress:
+class FakeProgress:  # fake_embedder's, which a Ray worker cannot import (this module travels by value)
     sequences_done: int
     sequences_total: int
     tokens_done: int

@@ -722,8 +722,6 @@ def run(
 
 
 _HOME = typer.Option("--home", help="The home whose embedding store this is (as given to vnp run).")
-
-
 _STORE = typer.Option("--store", help="The store's folder, where it is not the home's (a node-local `embedding_cache_dir`).")
 
 
@@ -734,14 +732,14 @@ def cache_stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Per model identity: entries, bytes, hits and misses so far, and when it was last used."""
-    with _embedding_store(home, store_dir) as store:
+    with _embedding_store(home, store_dir) as (where, store):
         identities = [{"identity": s.identity.key, "model": s.identity.description, "entries": s.entries,
                        "bytes": s.size_bytes, "hits": s.hits, "misses": s.misses,
                        "hit_rate": round(s.hit_rate, 4), "last_used": s.last_used} for s in store.stats()]
     if as_json:
-        typer.echo(json.dumps({"store": str(_store_dir(home, store_dir)), "identities": identities}))
+        typer.echo(json.dumps({"store": str(where), "identities": identities}))
         return
-    typer.echo(f"embedding store {_store_dir(home, store_dir)}: {len(identities)} model identit{'y' if len(identities) == 1 else 'ies'}")
+    typer.echo(f"embedding store {where}: {len(identities)} model identit{'y' if len(identities) == 1 else 'ies'}")
     for row in identities:
         typer.echo(f"{row['identity']}  {row['model']}: {row['entries']:,} entries, {row['bytes']:,} bytes, "
                    f"{row['hits']:,} hits, {row['misses']:,} misses ({row['hit_rate']:.1%})")
@@ -758,28 +756,26 @@ def cache_prune(
     if identity is None and older_than_days is None:
         raise DoorError("vnp cache prune: say what to drop: --identity KEY (see vnp cache stats) or --older-than-days N")
     _check_at_least("--older-than-days", older_than_days, 0)
-    with _embedding_store(home, store_dir) as store:
+    with _embedding_store(home, store_dir) as (where, store):
         known = {s.identity.key for s in store.stats()}
         if identity is not None and identity not in known:
-            raise DoorError(f"--identity {identity}: no such model identity in {_store_dir(home, store_dir)}: see vnp cache stats")
+            raise DoorError(f"--identity {identity}: no such model identity in {where}: see vnp cache stats")
         dropped = store.prune(identity, None if older_than_days is None else older_than_days * 86400)
     typer.echo(f"dropped {len(dropped)} model identit{'y' if len(dropped) == 1 else 'ies'}: {', '.join(dropped) or 'none'}")
 
 
-def _store_dir(home: Path, store_dir: Path | None) -> Path:
-    return store_dir or home / "storage" / "embedding_cache"
-
-
 @contextmanager
 def _embedding_store(home: Path, store_dir: Path | None) -> Iterator:
+    """(its folder, the store) of `--store`, or else of the home."""
     from vnp_core.embedding_cache import EmbeddingCache
 
-    where = _store_dir(home, store_dir)
+    where = store_dir or home / "storage" / "embedding_cache"
     if not (where / "data.mdb").is_file():
-        named = f"--store {store_dir}" if store_dir else f"--home {home}"
-        raise DoorError(f"{named}: no embedding store there ({where}): run vnp run with this home first")
+        if store_dir:
+            raise DoorError(f"--store {store_dir}: no embedding store there: give the folder of embedding_cache_dir")
+        raise DoorError(f"--home {home}: no embedding store there ({where}): run vnp run with this home first")
     with EmbeddingCache.open(where) as store:
-        yield store
+        yield where, store
 
 
 if __name__ == "__main__":

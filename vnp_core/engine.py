@@ -384,11 +384,11 @@ def embed_with_cache(model: LoadedModel, ids: Sequence[str], tokenized: Tokenize
         stats = embed_tokenized(model, [ids[row] for row in to_embed], tokenized.select(to_embed), new_rows, config,
                                 attrs=attrs, progress=progress)
         new = read_embeddings(new_rows).embeddings
-        with EmbeddingCache.open(cache_dir) as cache:
-            cache.put(identity, [keys[row] for row in to_embed], new)
         position = {keys[row]: i for i, row in enumerate(to_embed.tolist())}
         vectors[missing] = new[[position[keys[row]] for row in missing.tolist()]]
     with EmbeddingCache.open(cache_dir) as cache:
+        if len(to_embed):
+            cache.put(identity, [keys[row] for row in to_embed], new)
         cache.record_use(identity, hits=int(found.sum()), misses=len(to_embed))
     shard_attrs = {**_shard_attrs(model, tokenized, stats.max_tokens), **(attrs or {}), "fingerprint": fingerprint,
                    "rows_from_cache": len(ids) - len(to_embed), "cache_identity": identity.key}
