@@ -271,3 +271,14 @@ def test_a_full_disk_raises_a_clear_error_and_keeps_the_store(tmp_path: Path) ->
         assert stored % BATCH == 0 and 0 < stored < 99 * BATCH  # whole batches only
         ids = range(10**7, 10**7 + 10)
         assert cache.put(ESM2_WIDE, keys_for(ids), vectors_for(ids, BATCH_DIM)) == 10
+
+
+def test_a_file_that_is_no_store_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    import lmdb
+
+    (tmp_path / "data.mdb").write_bytes(b"garbage!")
+    with pytest.raises(lmdb.InvalidError):
+        with EmbeddingCache.open(tmp_path):
+            pass
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data.mdb"]
+    assert (tmp_path / "data.mdb").read_bytes() == b"garbage!"

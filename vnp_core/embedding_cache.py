@@ -111,7 +111,13 @@ class EmbeddingCache:
         # Readahead stays on (from the page cache it makes no difference, measured): lookups go in key order
         # and a put lays its batch out in key order, so pages read around a miss tend to be wanted next.
         # writemap stays off: with it a full disk is a SIGBUS, without it a failed write() and an abort.
-        self.env = lmdb.open(str(self.root), map_size=map_size, subdir=True, lock=True, max_dbs=MAX_DBS)
+        made = [path for path in (self.root / "data.mdb", self.root / "lock.mdb") if not path.exists()]
+        try:
+            self.env = lmdb.open(str(self.root), map_size=map_size, subdir=True, lock=True, max_dbs=MAX_DBS)
+        except lmdb.Error:  # e.g. a data.mdb that is no LMDB file: leave nothing of this attempt behind
+            for path in made:
+                path.unlink(missing_ok=True)
+            raise
         self.env.reader_check()  # frees reader slots left by killed processes
 
     @classmethod
