@@ -43,7 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "data" / "real"
-RAY = Path(sys.executable).with_name("ray")
+# `ray` beside this Python, or on the PATH (a `pip install --target` puts it in <target>/bin), or its module.
+RAY = ([str(Path(sys.executable).with_name("ray"))] if Path(sys.executable).with_name("ray").exists()
+       else [shutil.which("ray")] if shutil.which("ray")
+       else [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"])
 MODELS = ("dnabert_s", "esm2")
 
 
@@ -69,13 +72,17 @@ def group_members(group: int) -> list[str]:
     return members
 
 
-def start_head(temp_dir: Path, gpus: int, cpus: int) -> tuple[subprocess.Popen, str]:
+def start_head(temp_dir: Path, gpus: int, cpus: int, visible_devices: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A one-node cluster with `gpus` GPU slots (fake ones on a host without GPUs; with `visible_devices`,
+    the physical GPUs it may hand out, the Ray way: the head's CUDA_VISIBLE_DEVICES)."""
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    if visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices
     log = open(temp_dir / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        [*RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--include-dashboard=false", "--disable-usage-stats",
          f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir / 'ray'}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,6 +11,13 @@ A run too long for one device call can be split: `--gpus 4,2` then `--gpus 1` wi
 and `--workdir` (the models and reads are written once, the results file gathers the runs); or,
 after `--prepare-only`, counts can run at once on disjoint GPUs (`--gpus 2` and `--gpus 1 --first-gpu 2`).
 On this CPU-only machine, `--smoke` checks the script with tiny models and 1 shard on the CPU.
+
+Side by side in one call, `--runs` names each timed run as GPUS[:OPTION...], e.g.
+    --runs 2:local,2:ray        issue 15: the same sample on 2 GPUs, local against a Ray cluster that
+                                the script starts on those GPUs (`ray start --head`, stopped after)
+    --runs 2:nostore,2 --dup-fraction 0.3   issue 17: the embedding store off against on
+`--rerun-classifier` then reruns the last run's home with another classifier (`vnp run`'s
+up-to-date stages skipped), timed end to end; `--reuse-homes` continues homes from an earlier call.
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -50,15 +61,36 @@ def write_models(workdir: Path, esm2_size: str, smoke: bool) -> dict[str, str]:
     return {"esm2_model": str(esm2), "dnabert_s_model": str(dnabert_s), "classifier": str(classifier)}
 
 
-def write_reads(workdir: Path, n: int) -> Path:
+def write_reads(workdir: Path, n: int, dup_fraction: float = 0.0) -> Path:
+    """`n` simulated 150-bp reads; with `dup_fraction`, that share of them exact copies of the others."""
+    import numpy as np
+
     from vnp_core.fasta import read_fasta
     from vnp_core.simulate import simulate_reads
 
     genomes = {r.id: r.sequence.upper() for r in read_fasta(EXAMPLE).records if len(r.sequence) > 1000}
-    path = workdir / f"reads{n}.fasta"
+    path = workdir / (f"reads{n}.fasta" if not dup_fraction else f"reads{n}_dup{round(dup_fraction * 100)}.fasta")
     if not path.exists():
-        path.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in simulate_reads(genomes, n, 150, seed=0)))
+        reads = list(simulate_reads(genomes, round(n * (1 - dup_fraction)), 150, seed=0))
+        rng = np.random.default_rng(0)
+        copies = rng.integers(0, len(reads), size=n - len(reads)).tolist()
+        reads += [(f"{reads[i][0]}_copy{j}", reads[i][1]) for j, i in enumerate(copies)]
+        reads = [reads[i] for i in rng.permutation(len(reads)).tolist()]
+        path.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in reads))
     return path
+
+
+def parse_runs(spec: str) -> list[tuple[str, int, dict]]:
+    """`2:local,2:ray,2:nostore` -> [(label, GPU count, run_sample settings)]."""
+    runs = []
+    for label in spec.split(","):
+        count, *options = label.split(":")
+        unknown = set(options) - {"local", "ray", "nostore"}
+        if unknown or not count.isdigit():
+            raise SystemExit(f"--runs {label!r}: expected GPUS[:local|ray][:nostore]")
+        runs.append((label, int(count), {"executor": "ray" if "ray" in options else "local",
+                                         "embedding_cache": "nostore" not in options}))
+    return runs
 
 
 def main() -> None:
@@ -81,6 +113,14 @@ def main() -> None:
     parser.add_argument("--until", default="virnucpro_predictions",
                         help="Last stage of each timed run (`vnp run --until`): 'embeddings' keeps a long run in one call.")
     parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU, one shard: checks the script only.")
+    parser.add_argument("--runs", help="Timed runs in this order, GPUS[:local|ray][:nostore] each, e.g. 2:local,2:ray "
+                                       "(ray: a one-node Ray cluster started on those GPUs). Replaces --gpus.")
+    parser.add_argument("--dup-fraction", type=float, default=0.0,
+                        help="This share of the reads are exact copies of the others (the embedding store's case).")
+    parser.add_argument("--reuse-homes", action="store_true",
+                        help="Continue each run's home from an earlier call (up-to-date stages are skipped) instead of a fresh one.")
+    parser.add_argument("--rerun-classifier", action="store_true",
+                        help="Then rerun the last run's sample with another classifier, to the end, timed.")
     args = parser.parse_args()
 
     import torch
@@ -91,33 +131,112 @@ def main() -> None:
     models = write_models(args.workdir, args.esm2_size, args.smoke)
     dtype = None if args.smoke else "float16"
     if args.prepare_only:
-        write_reads(args.workdir, args.reads)
+        write_reads(args.workdir, args.reads, args.dup_fraction)
         return
     if args.warmup_reads:
         warmup = run_sample(write_reads(args.workdir, args.warmup_reads), num_shards=1, dtype=dtype, until="embeddings",
                             home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0],
                             compile_min_tokens=0, **models)
         print(f"warm-up (untimed):\n{warmup.summary()}", flush=True)
-    reads = write_reads(args.workdir, args.reads)
+    reads = write_reads(args.workdir, args.reads, args.dup_fraction)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
     results.update({
-        "command": " ".join(sys.argv), "reads": args.reads, "esm2_size": "tiny" if args.smoke else args.esm2_size,
+        "command": " ".join(sys.argv), "reads": args.reads, "dup_fraction": args.dup_fraction,
+        "esm2_size": "tiny" if args.smoke else args.esm2_size,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpus_on_host": torch.cuda.device_count(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                      **installed_versions("dagster", "polars", "h5py", "numpy", "tokenizers", "fair-esm")},
     })
-    for count in [int(c) for c in args.gpus.split(",")]:
-        home = args.workdir / f"home_{count}gpu_{time.time_ns()}"
+    runs = parse_runs(args.runs) if args.runs else [(c, int(c), {}) for c in args.gpus.split(",")]
+    for label, count, options in runs:
+        home = args.workdir / f"home_{label.replace(':', '_')}gpu"
+        if home.exists() and not args.reuse_homes:
+            shutil.rmtree(home)
         devices = None if args.smoke else list(range(args.first_gpu, args.first_gpu + count))
-        run = run_sample(reads, num_shards=count, home=home, devices=devices, dtype=dtype, until=args.until, **models)
-        results["runs"][str(count)] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values()),
-                                       "until": args.until, "devices": devices, "command": " ".join(sys.argv),
-                                       "shards": shard_metadata(home), "timeline": run_timeline(home)}
+        settings = dict(num_shards=count, devices=devices, dtype=dtype, **options, **models)
+        with ray_cluster_if(options.get("executor") == "ray", args.workdir, count, devices) as address:
+            if address:  # the cluster hands out the GPUs (fake slots with --smoke: the work runs on the CPU)
+                settings.update(ray_address=address, devices=None, **({"ray_device": "cpu"} if args.smoke else {}))
+            started = time.perf_counter()
+            run = run_sample(reads, home=home, until=args.until, **settings)
+            wall = time.perf_counter() - started
+        results["runs"][label] = {"stage_seconds": run.stage_seconds, "total_seconds": sum(run.stage_seconds.values()),
+                                  "run_sample_seconds": wall, "up_to_date": run.up_to_date, "until": args.until,
+                                  "devices": devices, "settings": {k: v for k, v in settings.items() if k not in models},
+                                  "command": " ".join(sys.argv), "shards": shard_metadata(home), "timeline": run_timeline(home)}
         print(run.summary(), flush=True)
-        print_timeline(results["runs"][str(count)]["timeline"])
+        print_timeline(results["runs"][label]["timeline"])
         write_results(results, args.out)
+    if args.rerun_classifier:
+        results["classifier_rerun"] = rerun_with_another_classifier(reads, home, settings, args.workdir)
+        write_results(results, args.out)
+    results["shards_equal"] = compare_shards(args.workdir, [label for label, _, _ in runs])
+    write_results(results, args.out)
     print_table(results)
+
+
+@contextmanager
+def ray_cluster_if(wanted: bool, workdir: Path, gpus: int, devices: list[int] | None):
+    """A one-node Ray cluster on `devices` (fake GPU slots when None), its address; None when not `wanted`."""
+    if not wanted:
+        yield None
+        return
+    import os
+
+    from ray_cpu_bench import start_head, stop_head
+
+    temp = Path(tempfile.mkdtemp(prefix="ray_", dir=workdir))
+    head, address = start_head(temp, gpus=gpus, cpus=os.cpu_count() or 2,
+                               visible_devices=None if devices is None else ",".join(map(str, devices)))
+    try:
+        yield address
+    finally:
+        left = stop_head(head)
+        print(f"Ray head stopped; processes left: {left or 'none'}", flush=True)
+
+
+def rerun_with_another_classifier(reads: Path, home: Path, settings: dict, workdir: Path) -> dict:
+    """The same sample, finished, then again with another classifier: what a user pays for a new classifier."""
+    from vnp_assets.run_sample import run_sample
+    from vnp_core.tiny_models import tiny_feature_width, write_tiny_classifier
+
+    finished = run_sample(reads, home=home, until="virnucpro_predictions", **settings)
+    print(f"finished:\n{finished.summary()}", flush=True)
+    other = write_tiny_classifier(workdir / "classifier_other", chunk_length=500, seed=1,
+                                  in_features=tiny_feature_width(Path(settings["esm2_model"]), Path(settings["dnabert_s_model"])))
+    # As a user reruns it: `vnp run` in a fresh process, its start-up and imports included.
+    command = [sys.executable, "-m", "vnp_assets.cli", "run", str(reads), "--home", str(home),
+               "--esm2-model", settings["esm2_model"], "--dnabert-s-model", settings["dnabert_s_model"],
+               "--classifier", str(other["state_dict"]), "--shards", str(settings["num_shards"]),
+               *(["--dtype", settings["dtype"]] if settings["dtype"] else []),
+               *(["--devices", ",".join(map(str, settings["devices"]))] if settings["devices"] else []),
+               *([] if settings.get("embedding_cache", True) else ["--no-cache"])]
+    started = time.perf_counter()
+    rerun = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - started
+    print(f"classifier rerun (`{' '.join(command[3:])}`), exit {rerun.returncode}, {wall:.1f} s end to end:\n"
+          f"{rerun.stdout}{rerun.stderr[-2000:] if rerun.returncode else ''}", flush=True)
+    return {"finish_stage_seconds": finished.stage_seconds, "finish_up_to_date": finished.up_to_date,
+            "rerun_command": " ".join(command), "rerun_exit": rerun.returncode, "rerun_seconds": wall,
+            "rerun_stdout": rerun.stdout, "rerun_up_to_date": [line.split(":")[0] for line in rerun.stdout.splitlines()
+                                                                if "up to date" in line]}
+
+
+def compare_shards(workdir: Path, labels: list[str]) -> dict[str, bool]:
+    """Each run's shard `embeddings` against the first run's, bit for bit (`np.array_equal`), per model."""
+    import h5py
+    import numpy as np
+
+    homes = [workdir / f"home_{label.replace(':', '_')}gpu" for label in labels]
+    first = {p.relative_to(homes[0]): p for p in homes[0].glob("storage/samples/*/embeddings/*/shard-*.h5")}
+    equal = {}
+    for label, home in zip(labels[1:], homes[1:]):
+        for relative, path in first.items():
+            with h5py.File(path) as a, h5py.File(home / relative) as b:
+                equal[f"{label} {relative.parent.name}/{relative.name}"] = bool(
+                    np.array_equal(a["ids"][:], b["ids"][:]) and np.array_equal(a["embeddings"][:], b["embeddings"][:]))
+    return equal
 
 
 def installed_versions(*packages: str) -> dict[str, str]:
@@ -174,21 +293,34 @@ def print_timeline(timeline: list[dict]) -> None:
 
 def write_results(results: dict, out: Path) -> None:
     """Adds the embedding stage's scaling against the fewest GPUs measured, and writes the JSON."""
-    embedding = {count: next(s for stage, s in run["stage_seconds"].items() if stage.startswith("embeddings"))
-                 for count, run in results["runs"].items()}
-    base = min(embedding, key=int)
+    embedding = {label: next((s for stage, s in run["stage_seconds"].items() if stage.startswith("embeddings")), 0.0)
+                 for label, run in results["runs"].items()}
+    base = next(iter(embedding))  # the first run measured
     results["embedding_seconds"] = embedding
-    results["embedding_scaling"] = {count: embedding[base] / seconds * int(base) for count, seconds in embedding.items()}
-    results["scaling_efficiency"] = {count: s / int(count) for count, s in results["embedding_scaling"].items()}
+    # Against the first run, per GPU: 2x on 2 GPUs is linear; `speed_up` is the plain ratio of the stages.
+    results["speed_up"] = {label: embedding[base] / seconds if seconds else None for label, seconds in embedding.items()}
+    results["embedding_scaling"] = {label: embedding[base] / seconds * gpus(base) if seconds else None
+                                    for label, seconds in embedding.items()}
+    results["scaling_efficiency"] = {label: s / gpus(label) if s else None for label, s in results["embedding_scaling"].items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
 
 
+def gpus(label: str) -> int:
+    return int(label.split(":")[0])
+
+
 def print_table(results: dict) -> None:
-    print("\n| GPUs | embedding stage s | speed-up | of linear | end to end s |\n|---:|---:|---:|---:|---:|")
-    for count, run in sorted(results["runs"].items(), key=lambda item: int(item[0])):
-        print(f"| {count} | {results['embedding_seconds'][count]:.1f} | {results['embedding_scaling'][count]:.2f}x "
-              f"| {results['scaling_efficiency'][count]:.0%} | {run['total_seconds']:.1f} |")
+    print("\n| run | embedding stage s | against the first | scaling | end to end s |\n|---|---:|---:|---:|---:|")
+    for label, run in results["runs"].items():
+        seconds, speed_up = results["embedding_seconds"][label], results["speed_up"][label]
+        print(f"| {label} | {seconds:.1f} | {f'{speed_up:.3f}x' if speed_up else '-'} "
+              f"| {results['embedding_scaling'][label] or 0:.2f}x | {run['total_seconds']:.1f} |")
+    if "classifier_rerun" in results:
+        print(f"\nclassifier rerun, end to end: {results['classifier_rerun']['rerun_seconds']:.1f} s, "
+              f"skipped: {', '.join(results['classifier_rerun']['rerun_up_to_date'])}")
+    if results.get("shards_equal"):
+        print(f"shards equal to the first run's, bit for bit: {sum(results['shards_equal'].values())} of {len(results['shards_equal'])}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 A row holds the frame's ids and chunk coordinates, its place in prep's output, its sequences (so a
 shard reads its rows and needs nothing else), its length in tokens for each model, and its shard.
-Rows are sorted longest first and dealt to the shards in turn, so every shard gets an almost equal
-share of the tokens; `prep_order` restores the original tool's order where a user sees it.
+Rows are sorted longest first and their distinct proteins dealt to the shards in turn, so every
+shard gets an almost equal share of the tokens and all copies of a frame share a shard; `prep_order` restores the original tool's order where a user sees it.
 
 Given DNABERT-S's tokenizer, the index also keeps each row's DNABERT-S token ids. Counting the
 tokens exactly means tokenising anyway, and an embedding step that reads the ids starts its GPU
@@ -76,9 +76,12 @@ def build_index(frames: pl.DataFrame, *, num_shards: int,
     index = index.with_columns(
         esm2_tokens=(pl.min_horizontal("protein_length", ESM2_MAX_RESIDUES) + 2).cast(pl.Int64),
         dnabert_s_tokens=dnabert_s_tokens.cast(pl.Int64),
-    ).sort(["esm2_tokens", "frame_id"], descending=[True, False])
-    # Dealing length-sorted rows in turn gives each shard nearly the same tokens (and sequence lengths).
-    return index.with_columns(shard=(pl.int_range(pl.len(), dtype=pl.Int32) % num_shards)).select(columns)
+    ).sort(["esm2_tokens", "protein", "frame_id"], descending=[True, False, False])
+    # Dealing length-sorted proteins in turn gives each shard nearly the same tokens (and sequence
+    # lengths). Dealing distinct proteins, not rows, keeps every copy of a frame in one shard (same
+    # protein, and a fortiori same nucleotide): shards embedded at once on several GPUs then never
+    # embed one sequence twice, as each shard's step dedups its own rows through the embedding store.
+    return index.with_columns(shard=(pl.col("protein").rle_id() % num_shards).cast(pl.Int32)).select(columns)
 
 
 def _token_bytes(tokenized: Tokenized) -> list[bytes]:
