@@ -61,22 +61,24 @@ def write_models(workdir: Path, esm2_size: str, smoke: bool) -> dict[str, str]:
     return {"esm2_model": str(esm2), "dnabert_s_model": str(dnabert_s), "classifier": str(classifier)}
 
 
-def write_reads(workdir: Path, n: int, dup_fraction: float = 0.0) -> Path:
-    """`n` simulated 150-bp reads; with `dup_fraction`, that share of them exact copies of the others."""
-    import numpy as np
-
+def write_reads(workdir: Path, n: int, dup_fraction: float = 0.0, genomes_dir: Path | None = None) -> Path:
+    """`n` simulated 150-bp reads from the example sample's two genomes (phiX174, an influenza segment:
+    most reads repeat, so compare with the store off). With `genomes_dir` and `dup_fraction`: from its
+    genomes, that share of the reads exact copies of the others, the rest distinct (`store_bench`'s sample)."""
     from vnp_core.fasta import read_fasta
     from vnp_core.simulate import simulate_reads
 
+    if genomes_dir is not None:
+        from store_bench import write_reads as write_distinct_and_copies
+
+        path = workdir / f"reads{n}_dup{round(dup_fraction * 100)}.fasta"
+        if not path.exists():
+            write_distinct_and_copies(genomes_dir, n, dup_fraction, 0, path)
+        return path
     genomes = {r.id: r.sequence.upper() for r in read_fasta(EXAMPLE).records if len(r.sequence) > 1000}
-    path = workdir / (f"reads{n}.fasta" if not dup_fraction else f"reads{n}_dup{round(dup_fraction * 100)}.fasta")
+    path = workdir / f"reads{n}.fasta"
     if not path.exists():
-        reads = list(simulate_reads(genomes, round(n * (1 - dup_fraction)), 150, seed=0))
-        rng = np.random.default_rng(0)
-        copies = rng.integers(0, len(reads), size=n - len(reads)).tolist()
-        reads += [(f"{reads[i][0]}_copy{j}", reads[i][1]) for j, i in enumerate(copies)]
-        reads = [reads[i] for i in rng.permutation(len(reads)).tolist()]
-        path.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in reads))
+        path.write_text("".join(f">{rid}\n{seq}\n" for rid, seq in simulate_reads(genomes, n, 150, seed=0)))
     return path
 
 
@@ -84,10 +86,10 @@ def parse_runs(spec: str) -> list[tuple[str, int, dict]]:
     """`2:local,2:ray,2:nostore` -> [(label, GPU count, run_sample settings)]."""
     runs = []
     for label in spec.split(","):
-        count, *options = label.split(":")
+        count, *options = label.split("#")[0].split(":")  # `#tag`: the same run again, e.g. 1:nostore#2
         unknown = set(options) - {"local", "ray", "nostore"}
-        if unknown or not count.isdigit():
-            raise SystemExit(f"--runs {label!r}: expected GPUS[:local|ray][:nostore]")
+        if unknown or not count.isdigit() or label in [run[0] for run in runs]:
+            raise SystemExit(f"--runs {label!r}: expected GPUS[:local|ray][:nostore], each label once")
         runs.append((label, int(count), {"executor": "ray" if "ray" in options else "local",
                                          "embedding_cache": "nostore" not in options}))
     return runs
@@ -115,8 +117,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU, one shard: checks the script only.")
     parser.add_argument("--runs", help="Timed runs in this order, GPUS[:local|ray][:nostore] each, e.g. 2:local,2:ray "
                                        "(ray: a one-node Ray cluster started on those GPUs). Replaces --gpus.")
-    parser.add_argument("--dup-fraction", type=float, default=0.0,
-                        help="This share of the reads are exact copies of the others (the embedding store's case).")
+    parser.add_argument("--genomes", type=Path, help="Simulate from these FASTA genomes (e.g. ../shared/data/real), "
+                                                      "--dup-fraction of the reads copies of the others, the rest distinct.")
+    parser.add_argument("--dup-fraction", type=float, default=0.0)
     parser.add_argument("--reuse-homes", action="store_true",
                         help="Continue each run's home from an earlier call (up-to-date stages are skipped) instead of a fresh one.")
     parser.add_argument("--rerun-classifier", action="store_true",
@@ -131,14 +134,14 @@ def main() -> None:
     models = write_models(args.workdir, args.esm2_size, args.smoke)
     dtype = None if args.smoke else "float16"
     if args.prepare_only:
-        write_reads(args.workdir, args.reads, args.dup_fraction)
+        write_reads(args.workdir, args.reads, args.dup_fraction, args.genomes)
         return
     if args.warmup_reads:
         warmup = run_sample(write_reads(args.workdir, args.warmup_reads), num_shards=1, dtype=dtype, until="embeddings",
                             home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0],
                             compile_min_tokens=0, **models)
         print(f"warm-up (untimed):\n{warmup.summary()}", flush=True)
-    reads = write_reads(args.workdir, args.reads, args.dup_fraction)
+    reads = write_reads(args.workdir, args.reads, args.dup_fraction, args.genomes)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
     results.update({
         "command": " ".join(sys.argv), "reads": args.reads, "dup_fraction": args.dup_fraction,
@@ -150,7 +153,7 @@ def main() -> None:
     })
     runs = parse_runs(args.runs) if args.runs else [(c, int(c), {}) for c in args.gpus.split(",")]
     for label, count, options in runs:
-        home = args.workdir / f"home_{label.replace(':', '_')}gpu"
+        home = home_of(args.workdir, label)
         if home.exists() and not args.reuse_homes:
             shutil.rmtree(home)
         devices = None if args.smoke else list(range(args.first_gpu, args.first_gpu + count))
@@ -228,15 +231,22 @@ def compare_shards(workdir: Path, labels: list[str]) -> dict[str, bool]:
     import h5py
     import numpy as np
 
-    homes = [workdir / f"home_{label.replace(':', '_')}gpu" for label in labels]
+    homes = [home_of(workdir, label) for label in labels]
     first = {p.relative_to(homes[0]): p for p in homes[0].glob("storage/samples/*/embeddings/*/shard-*.h5")}
     equal = {}
     for label, home in zip(labels[1:], homes[1:]):
         for relative, path in first.items():
             with h5py.File(path) as a, h5py.File(home / relative) as b:
-                equal[f"{label} {relative.parent.name}/{relative.name}"] = bool(
-                    np.array_equal(a["ids"][:], b["ids"][:]) and np.array_equal(a["embeddings"][:], b["embeddings"][:]))
+                x, y = a["embeddings"][:].astype(np.float64), b["embeddings"][:].astype(np.float64)
+                cosine = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-30)
+                equal[f"{label} {relative.parent.name}/{relative.name}"] = {
+                    "bit_identical": bool(np.array_equal(a["ids"][:], b["ids"][:]) and np.array_equal(x, y)),
+                    "identical_rows": int((x == y).all(1).sum()), "rows": len(x), "min_cosine": float(cosine.min())}
     return equal
+
+
+def home_of(workdir: Path, label: str) -> Path:
+    return workdir / f"home_{label.replace(':', '_').replace('#', '_')}gpu"
 
 
 def installed_versions(*packages: str) -> dict[str, str]:
@@ -319,8 +329,9 @@ def print_table(results: dict) -> None:
     if "classifier_rerun" in results:
         print(f"\nclassifier rerun, end to end: {results['classifier_rerun']['rerun_seconds']:.1f} s, "
               f"skipped: {', '.join(results['classifier_rerun']['rerun_up_to_date'])}")
-    if results.get("shards_equal"):
-        print(f"shards equal to the first run's, bit for bit: {sum(results['shards_equal'].values())} of {len(results['shards_equal'])}")
+    for shard, same in results.get("shards_equal", {}).items():
+        print(f"{shard} against the first run: {'bit-identical' if same['bit_identical'] else 'differs'}, "
+              f"{same['identical_rows']:,} of {same['rows']:,} rows identical, min cosine {same['min_cosine']:.9f}")
 
 
 if __name__ == "__main__":
