@@ -83,7 +83,8 @@ def test_vnp_run_until_embeddings_stops_after_the_shards(tmp_path: Path, capfd: 
 
 
 @pytest.mark.slow
-def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     fasta = tmp_path / "flu.fasta"
     shutil.copyfile(FLU, fasta)
     home = tmp_path / "home"
@@ -111,6 +112,12 @@ def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.Cap
     calls = sample / "predictions" / "prediction_results.txt"
     first_calls = calls.read_bytes()
     other = write_tiny_classifier(tmp_path / "other", in_features=128, chunk_length=500, seed=5)["state_dict"]
+    import vnp_assets.cli
+
+    def read_again(path: Path) -> None:
+        raise AssertionError(f"{path} was indexed from this content: its records need no second reading")
+
+    monkeypatch.setattr(vnp_assets.cli, "_check_fasta", read_again)
     rerun = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "1", "--classifier", str(other)])
     assert rerun.exit_code == 0, rerun.output
     for stage in ("sequence_index", "embeddings", "merged_embeddings", "fp16_validation_report"):

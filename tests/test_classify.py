@@ -104,6 +104,23 @@ def test_chunk_length_comes_from_the_file_or_its_original_name(tmp_path):
         load_classifier(tmp_path / "500_model.pth", trusted_pickle=True)
 
 
+def test_features_given_as_column_groups_score_as_the_joined_matrix(tmp_path, monkeypatch):
+    # The merged file's models side by side, joined a block at a time, blocks smaller than the sample.
+    import vnp_core.classify as classify
+
+    classifier = load_classifier(write_tiny_classifier(tmp_path, in_features=IN_FEATURES, chunk_length=300)["state_dict"])
+    whole = features(12)
+    monkeypatch.setattr(classify, "_ROWS_PER_FORWARD", 5)
+    joined = predict(classifier, frame_ids(12), whole, chunk_length=300)
+    assert predict(classifier, frame_ids(12), [whole[:, :7], whole[:, 7:]], chunk_length=300).equals(joined)
+    bad = whole.copy()
+    bad[[3, 11], 9] = np.inf
+    with pytest.raises(ValueError, match=r"^2 feature rows contain NaN/Inf"):
+        predict(classifier, frame_ids(12), [bad[:, :7], bad[:, 7:]], chunk_length=300)
+    with pytest.raises(ValueError, match=r"shape \(11, 24\)"):
+        predict(classifier, frame_ids(12), [whole[:11, :7], whole[:, 7:]], chunk_length=300)
+
+
 def test_features_of_the_other_chunk_length_are_refused(tmp_path):
     classifier = load_classifier(write_tiny_classifier(tmp_path, in_features=IN_FEATURES, chunk_length=300)["state_dict"])
 

@@ -78,6 +78,21 @@ def test_new_files_become_samples_with_their_own_copy(vnp_resources: Resources, 
     assert a_b.input_fasta.read_text() == ">r1\nACGT\n"
 
 
+def test_a_file_counts_as_indexed_only_with_its_exact_content_and_an_index(
+        vnp_resources: Resources, instance: DagsterInstance) -> None:
+    from vnp_assets.samples import indexed_before
+
+    store = vnp_resources["storage"]
+    path = drop(vnp_resources, "s1.fa", ">r\nACGT\n")
+    assert not indexed_before(path, "s1", store)  # not registered
+    tick(vnp_resources, instance, None)
+    assert not indexed_before(path, "s1", store)  # registered, never indexed
+    store.layout("s1").index.write_bytes(b"an index")
+    assert indexed_before(path, "s1", store)
+    path.write_text(">r\nACGA\n")
+    assert not indexed_before(path, "s1", store)  # edited since
+
+
 def test_cursor_skips_files_already_seen(vnp_resources: Resources, instance: DagsterInstance) -> None:
     drop(vnp_resources, "s1.fa", ">r\nACGT\n")
     first = tick(vnp_resources, instance, None)

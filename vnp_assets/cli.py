@@ -709,7 +709,12 @@ def run(
             _check_torch_pickles(models[key], option)
     _check_gpus(gpu_ids)
     _check_output_dir(home, "--home")
-    _check_fasta(input)
+    from vnp_assets.platform import home_storage
+    from vnp_assets.samples import indexed_before
+
+    # A 450k-read file takes seconds to check; a rerun of a sample indexed from this content skips it.
+    if not indexed_before(input, sample_name(input.name), home_storage(home)):
+        _check_fasta(input)
     from vnp_assets.run_sample import run_sample
 
     sample_run = run_sample(input, home=home, until=until, chunk_length=chunk_length, num_shards=shards,

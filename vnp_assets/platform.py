@@ -38,12 +38,22 @@ class SettingsError(ValueError):
     """Settings that name no field, or a value a field refuses (the message says which)."""
 
 
+def home_defaults(home: Path) -> dict[str, str]:
+    """Where a home keeps its storage, inbox and placeholder models unless the settings say otherwise."""
+    return {"storage_root": str(home / "storage"), "inbox_dir": str(home / "inbox"),
+            "tiny_models_dir": str(home / "storage" / "tiny_models")}
+
+
+def home_storage(home: Path) -> SampleStorage:
+    """The storage of a home run with no settings of its own, as `vnp run --home` runs it."""
+    defaults = home_defaults(home)
+    return SampleStorage(storage_root=defaults["storage_root"], inbox_dir=defaults["inbox_dir"])
+
+
 def resources_from_settings(settings: Mapping[str, Any], home: Path) -> dict[str, ConfigurableResource]:
     """The resources of a home and a user's flat settings (VNP_SETTINGS's fields), each field routed to
     the one resource that has it. The shard count, which shapes the partitions, is fixed here."""
-    defaults = {"storage_root": str(home / "storage"), "inbox_dir": str(home / "inbox"),
-                "tiny_models_dir": str(home / "storage" / "tiny_models")}
-    settings = {**defaults, **settings}
+    settings = {**home_defaults(home), **settings}
     owner = {name: key for key, cls in RESOURCES.items() for name in cls.model_fields}
     if unknown := sorted(set(settings) - set(owner)):
         raise SettingsError(f"unknown setting(s) {', '.join(unknown)}: the settings are {', '.join(sorted(owner))}")

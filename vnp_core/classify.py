@@ -143,10 +143,14 @@ def _classifier_from_state_dict(state_dict: dict[str, torch.Tensor], path: Path)
     return module.eval()
 
 
-def predict(classifier: LoadedClassifier, ids: Sequence[str], features: np.ndarray, *, chunk_length: int) -> pl.DataFrame:
+def predict(classifier: LoadedClassifier, ids: Sequence[str], features: np.ndarray | Sequence[np.ndarray], *,
+            chunk_length: int) -> pl.DataFrame:
     """Per frame: `frame_id`, `prediction` (`virus`/`others`), `score1` = P(others), `score2` = P(virus).
 
-    `chunk_length` is the one the features were made with; it must be the classifier's.
+    `features`: the (N, in_features) classifier input, or its column groups in order (each model's
+    vectors, as the merged file holds them). Groups are joined a block of rows at a time: a 640k-row
+    sample's 8.5 GB input is never built whole. `chunk_length` is the one the features were made
+    with; it must be the classifier's.
     """
     if chunk_length != classifier.chunk_length:
         raise ValueError(
@@ -154,18 +158,25 @@ def predict(classifier: LoadedClassifier, ids: Sequence[str], features: np.ndarr
             f"on {classifier.chunk_length}-bp chunks: use the {chunk_length}-bp classifier, or prepare the sample "
             f"with chunk length {classifier.chunk_length}"
         )
-    if features.shape != (len(ids), classifier.in_features):
-        raise ValueError(f"features have shape {features.shape}, expected ({len(ids)}, {classifier.in_features}) "
+    groups = [features] if isinstance(features, np.ndarray) else list(features)
+    shape = (min((len(group) for group in groups), default=0), sum(group.shape[1] for group in groups))
+    if any(len(group) != len(ids) for group in groups) or shape[1] != classifier.in_features:
+        raise ValueError(f"features have shape {shape}, expected ({len(ids)}, {classifier.in_features}) "
                          f"for {len(ids)} ids and the classifier {classifier.source}")
-    nonfinite = ~np.isfinite(features).all(axis=1)
-    if nonfinite.any():
-        bad = [ids[i] for i in np.flatnonzero(nonfinite)[:5]]
-        raise ValueError(f"{int(nonfinite.sum())} feature rows contain NaN/Inf, e.g. {bad}")
 
-    inputs = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    probabilities, nonfinite = [], []
     with torch.inference_mode():
-        probabilities = torch.cat([F.softmax(classifier.module(rows), dim=1) for rows in inputs.split(_ROWS_PER_FORWARD)])
-    scores = probabilities.numpy()
+        # One forward per block of rows, the joined block the only copy made of the input.
+        for start in range(0, len(ids), _ROWS_PER_FORWARD):
+            rows = np.concatenate([group[start:start + _ROWS_PER_FORWARD] for group in groups], axis=1,
+                                  dtype=np.float32)
+            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+            nonfinite.extend((start + bad).tolist())
+            if not nonfinite:
+                probabilities.append(F.softmax(classifier.module(torch.from_numpy(rows)), dim=1))
+    if nonfinite:
+        raise ValueError(f"{len(nonfinite)} feature rows contain NaN/Inf, e.g. {[ids[i] for i in nonfinite[:5]]}")
+    scores = torch.cat(probabilities).numpy() if probabilities else np.empty((0, 2), dtype=np.float32)
     # The original labels with torch.max, which returns the first maximum: a tie is `others`.
     return pl.DataFrame({
         "frame_id": list(ids),

@@ -29,7 +29,7 @@ def virnucpro_predictions(context: AssetExecutionContext, storage: SampleStorage
     paths = models.paths(chunk_length)
     classifier = load_classifier(paths.classifier, trusted_pickle=paths.trust_classifier_pickle)
     merged = read_merged(layout.merged)
-    frames = predict(classifier, merged.ids, merged.features(), chunk_length=chunk_length)
+    frames = predict(classifier, merged.ids, list(merged.vectors.values()), chunk_length=chunk_length)
     chunks = chunk_calls(frames)
     paths = write_prediction_files(frames, chunks, layout.predictions_dir, index=read_index(layout.index))
     return MaterializeResult(metadata={
