@@ -77,6 +77,13 @@ def test_bad_settings_are_refused_with_a_sentence(tmp_path: Path, settings: dict
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
+def test_an_embedding_store_folder_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "store").write_text("not a folder")
+    with pytest.raises(SettingsError, match=r"embedding_cache_dir .*store: is a file, not a folder"):
+        resources_from_settings({"embedding_cache_dir": str(tmp_path / "store")}, home=tmp_path)
+    resources_from_settings({"embedding_cache_dir": str(tmp_path / "not yet")}, home=tmp_path)  # made when used
+
+
 def test_instance_template_queues_runs_and_pools_gpu_steps(tmp_path: Path) -> None:
     shutil.copyfile(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
     with DagsterInstance.from_config(str(tmp_path)) as instance:

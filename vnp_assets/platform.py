@@ -66,6 +66,7 @@ def resources_from_settings(settings: Mapping[str, Any], home: Path) -> dict[str
             shards = max(1, resources["gpus"].slot_count)  # one per GPU by default
             resources["processing"] = SampleProcessing(**{**fields["processing"], "num_shards": shards})
         resources["processing"].prep_config()  # each refuses a bad value with a sentence
+        resources["storage"].check_cache_dir()
         resources["processing"].validation_config()
         resources["models"].embed_config("cuda")
     except Exception as error:  # pydantic's ValidationError, or a device list this host lacks

@@ -39,6 +39,13 @@ class SampleStorage(ConfigurableResource):
     def layout(self, sample: str) -> SampleLayout:
         return SampleLayout(self.samples_dir / sample)
 
+    def check_cache_dir(self) -> None:
+        """Refuse an `embedding_cache_dir` that names a file (a missing folder is made by the first GPU step;
+        on a Ray cluster it may exist only on the GPU nodes)."""
+        if self.embedding_cache_dir is not None and Path(self.embedding_cache_dir).is_file():
+            raise ValueError(f"embedding_cache_dir {self.embedding_cache_dir}: is a file, not a folder: give a "
+                             "folder for the embedding store (made if missing)")
+
     @property
     def cache_dir(self) -> Path | None:
         """The embedding store (`vnp_core.embedding_cache`), None when it is turned off."""
