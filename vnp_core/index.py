@@ -3,7 +3,8 @@
 A row holds the frame's ids and chunk coordinates, its place in prep's output, its sequences (so a
 shard reads its rows and needs nothing else), its length in tokens for each model, and its shard.
 Rows are sorted longest first and their distinct proteins dealt to the shards in turn, so every
-shard gets an almost equal share of the tokens and all copies of a frame share a shard; `prep_order` restores the original tool's order where a user sees it.
+shard gets an almost equal share of the tokens and all copies of a frame share a shard;
+`prep_order` restores the original tool's order where a user sees it.
 
 Given DNABERT-S's tokenizer, the index also keeps each row's DNABERT-S token ids. Counting the
 tokens exactly means tokenising anyway, and an embedding step that reads the ids starts its GPU
@@ -78,9 +79,9 @@ def build_index(frames: pl.DataFrame, *, num_shards: int,
         dnabert_s_tokens=dnabert_s_tokens.cast(pl.Int64),
     ).sort(["esm2_tokens", "protein", "frame_id"], descending=[True, False, False])
     # Dealing length-sorted proteins in turn gives each shard nearly the same tokens (and sequence
-    # lengths). Dealing distinct proteins, not rows, keeps every copy of a frame in one shard (same
-    # protein, and a fortiori same nucleotide): shards embedded at once on several GPUs then never
-    # embed one sequence twice, as each shard's step dedups its own rows through the embedding store.
+    # lengths). Dealing distinct proteins, not rows, keeps every copy of a frame (same protein, so
+    # same nucleotide too) in one shard: a step dedups only its own rows through the embedding
+    # store, so shards embedded at once on several GPUs would otherwise each embed the copies.
     return index.with_columns(shard=(pl.col("protein").rle_id() % num_shards).cast(pl.Int32)).select(columns)
 
 
