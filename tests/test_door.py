@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import pickle
+import random
 import re
 import resource
 import shutil
@@ -236,7 +237,9 @@ def evil_models(work: Path, tiny: Path) -> dict[str, Path]:
     # A pickled whole-module classifier of the original's kind, planted with code.
     paths["evil_classifier"] = models / "500_model.pth"
     torch.save(Evil(marker), paths["evil_classifier"])
-    paths["garbage_pt"] = write(models / "garbage.pt", os.urandom(4096))
+    paths["garbage_pt"] = write(models / "garbage.pt", b"GARBAGE" + random.Random(0).randbytes(4089))
+    # A pickle (PROTO first) that breaks the unpickler itself: REDUCE on an empty stack (an IndexError inside).
+    paths["garbled_pickle"] = write(models / "garbled.pt", b"\x80\x02R.")
     # A Hugging Face ESM-2 folder without its config.json.
     paths["esm2_no_config"] = models / "esm2_hf"
     paths["esm2_no_config"].mkdir()
@@ -265,6 +268,8 @@ def test_embed_refuses_broken_models(work: Path, evil_models: dict[str, Path], t
     proteins, reads, out = work / "proteins.faa", work / "reads.fa", work / "e.h5"
     refused(["embed", "esm2", proteins, "--model", work / "nowhere.pt", "--out", out], "nowhere.pt: no such file or folder", work)
     refused(["embed", "esm2", proteins, "--model", evil_models["garbage_pt"], "--out", out], "garbage.pt: not a readable torch checkpoint", work)
+    refused(["embed", "esm2", proteins, "--model", evil_models["garbled_pickle"], "--out", out],
+            "garbled.pt: not a readable torch checkpoint (pop from empty list)", work)
     refused(["embed", "esm2", proteins, "--model", evil_models["esm2_no_config"], "--out", out], "no config.json in this folder", work)
     refused(["embed", "dnabert-s", reads, "--model", evil_models["no_config"], "--out", out], "no config.json in this folder", work)
     refused(["embed", "dnabert-s", reads, "--model", evil_models["truncated"], "--out", out], "not a readable safetensors file", work)

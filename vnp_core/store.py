@@ -329,7 +329,7 @@ def read_merged(path: Path) -> MergedEmbeddings:
     try:
         f = h5py.File(path, "r")
     except OSError as error:  # h5py's message names no file
-        raise ValueError(f"{path}: not a readable HDF5 file ({str(error).splitlines()[0]}): "
+        raise ValueError(f"{path}: not a readable HDF5 file ({(str(error).splitlines() or [type(error).__name__])[0]}): "
                          "give a sample's merged embeddings (embeddings/merged.h5)") from error
     with f:
         listed = f.attrs.get(MODELS_ATTR, [])
