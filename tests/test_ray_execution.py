@@ -342,6 +342,31 @@ def test_progress_is_logged_while_the_step_runs(cluster, log, caplog):
     assert "shard 1: esm2: 4/8 sequences, 2.0 sequences/s, 20 tokens/s" in lines
 
 
+def imported_here(module: str) -> tuple[bool, int]:
+    return module in sys.modules, os.getpid()
+
+
+def test_an_actor_started_ahead_serves_the_next_step_with_its_imports_done(cluster, log, caplog):
+    # `vnp run`'s shard workers start their first step's actor while the index is built.
+    with caplog.at_level(logging.INFO, logger=log.name):
+        cluster.start_ahead(["wave"], log)  # a module nothing else here imports
+        (imported, pid), _ = cluster.run_on_gpu(imported_here, "wave", log=log, label="shard 0")
+        (imported_again, pid_again), _ = cluster.run_on_gpu(imported_here, "wave", log=log, label="shard 1")
+    assert imported and not imported_again and pid != pid_again  # one actor per step, the first started ahead
+    lines = [record.getMessage() for record in caplog.records]
+    assert any(line.startswith("shard 0: on node ") and line.endswith("; its actor was started ahead") for line in lines)
+    assert not any(line.startswith("shard 1: ") and "started ahead" in line for line in lines)
+
+
+def test_an_actor_started_ahead_that_died_is_replaced_by_a_new_one(cluster, log, caplog):
+    with caplog.at_level(logging.INFO, logger=log.name):
+        cluster.start_ahead(["vnp_no_such_module"], log)  # its imports fail: the actor dies before the step
+        (_, _), where = cluster.run_on_gpu(imported_here, "json", log=log, label="shard 2")
+    assert where.startswith("node ")
+    lines = [record.getMessage() for record in caplog.records]
+    assert any(line.startswith("shard 2: the actor started ahead for this step is gone (") for line in lines)
+
+
 @dataclass
 class FakeProgress:  # fake_embedder's, which a Ray worker cannot import (this module travels by value)
     sequences_done: int

@@ -36,7 +36,9 @@ is not iterable), and a task that reports back needs an actor to report to anywa
 one call and is then killed: each step gets a fresh process, no CUDA state carried over, as the
 local device process does. It has `max_restarts=0` and `max_task_retries=0`: Ray never reruns a
 step; Dagster's retry or a backfill does, and the engine resumes from the shard's checkpoint on the
-shared storage.
+shared storage. A process may start its next step's actor ahead (`start_ahead`: `vnp run`'s shard
+workers do, while the index is built), its imports done by the time the step asks for it, as the
+local path's spare device process is; one that died meanwhile is replaced by a new one.
 
 Ray sets `CUDA_VISIBLE_DEVICES` in the actor's process to the physical id it grants, before any of
 our code runs, and `OMP_NUM_THREADS` to its CPU share. A GPU subset is expressed the Ray way:
@@ -51,7 +53,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from logging import Logger
 from types import SimpleNamespace
 from typing import Any
@@ -65,6 +67,8 @@ CLIENT_PORT = 10001  # Ray Client's port on the head (`ray start --ray-client-se
 GCS_PORT = 6379  # the head's GCS port (`ray start --port`)
 
 _connect_lock = threading.Lock()
+# The actor this process started for its next GPU step (`RayGpuCluster.start_ahead`), by cluster address.
+_started_ahead: dict[str, Any] = {}
 
 
 class RayClusterUnreachable(ConnectionError):
@@ -264,16 +268,13 @@ class RayGpuCluster(RayResource):
 
         label = label or getattr(fn, "__qualname__", repr(fn))
         self.ensure_connected(log)
-        cpus = self.cpu_share()
-        actor = ray.remote(GpuStepActor).options(
-            num_gpus=1, num_cpus=cpus, max_restarts=0, max_task_retries=0, max_concurrency=2,
-        ).remote(self.lock_dir, self.lock_timeout_s)
+        actor, ahead = self._actor_for_step(log, label)
         placement: Placement | None = None
         try:
             placement = self._await_placement(actor, log, label)
             where = placement.where
-            log.info(f"{label}: on {where} of the {self.display_name} ({cpus:g} CPUs, "
-                     f"CUDA_VISIBLE_DEVICES={placement.cuda_visible_devices})")
+            log.info(f"{label}: on {where} of the {self.display_name} ({self.cpu_share():g} CPUs, CUDA_VISIBLE_DEVICES="
+                     f"{placement.cuda_visible_devices}){'; its actor was started ahead' if ahead else ''}")
             running = actor.run.remote(fn, args, kwargs, with_progress)
             logged: dict[str, str] = {}
             while not ray.wait([running], timeout=self.log_every_s)[0]:
@@ -296,6 +297,41 @@ class RayGpuCluster(RayResource):
             return value, where
         value.add_note(f"raised in the Ray GPU step {label} on {where}:\n{remote_traceback}")
         raise value
+
+    def start_ahead(self, preload: Sequence[str], log: Logger) -> None:
+        """Create the actor of this process's next GPU step now, importing `preload` (the engine, the
+        compiler) while other work goes on: `vnp run`'s shard workers do so while the index is built, as
+        the local path starts a spare device process. The step then finds its process up and its imports
+        done (both cost a fresh actor ~2-3 s on an H200 host). The actor holds its GPU from now on, and
+        dies with this process if no step takes it."""
+        self.ensure_connected(log)
+        if self.address not in _started_ahead:
+            _started_ahead[self.address] = self._new_actor(preload)
+
+    def _new_actor(self, preload: Sequence[str] = ()):
+        import ray
+
+        return ray.remote(GpuStepActor).options(
+            num_gpus=1, num_cpus=self.cpu_share(), max_restarts=0, max_task_retries=0, max_concurrency=2,
+        ).remote(self.lock_dir, self.lock_timeout_s, tuple(preload))
+
+    def _actor_for_step(self, log: Logger, label: str) -> tuple[Any, bool]:
+        """The actor started ahead for this step if it is alive, else a new one; and which it is."""
+        import ray
+        from ray.exceptions import RayError
+
+        actor = _started_ahead.pop(self.address, None)
+        if actor is not None:
+            asked = actor.placement.remote()
+            try:
+                if ray.wait([asked], timeout=self.connect_timeout_s)[0]:
+                    ray.get(asked)  # raises if it died (its node left, its imports failed)
+                return actor, True  # placed, or still waiting for a GPU or importing: the step waits as usual
+            except (RayError, ConnectionError) as error:
+                log.warning(f"{label}: the actor started ahead for this step is gone ({type(error).__name__}): "
+                            "starting another")
+                ray.kill(actor, no_restart=True)
+        return self._new_actor(), False
 
     def _await_placement(self, actor, log: Logger, label: str) -> Placement:
         import ray

@@ -7,13 +7,14 @@ imports nothing). The Dagster side is `vnp_assets.ray_execution`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -49,7 +50,9 @@ class GpuStepActor:
     step gets a process of its own, as the local path's device process is.
     """
 
-    def __init__(self, lock_dir: str | None = None, lock_timeout_s: float | None = None):
+    def __init__(self, lock_dir: str | None = None, lock_timeout_s: float | None = None, preload: Sequence[str] = ()):
+        for module in preload:  # an actor started ahead of its step imports what the step will need
+            importlib.import_module(module)
         self._lock_dir = lock_dir
         self._lock_timeout_s = lock_timeout_s
         self._progress: dict[str, dict] = {}

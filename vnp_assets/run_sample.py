@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -38,10 +39,12 @@ from vnp_assets.instance import prepare_home
 from vnp_assets.platform import RESOURCES, build_definitions, resources_from_settings
 from vnp_assets.run_liveness import process_tags, reclaim_dead_runs
 from vnp_assets.partitions import sample_shard_key
-from vnp_assets.resources import SampleStorage
+from vnp_assets.resources import GpuPool, SampleStorage
 from vnp_assets.samples import clean_staging, register_sample, sample_name
 from vnp_core.gpu import exit_with_parent, start_spare_device_process
 from vnp_core.models import MODELS
+
+log = logging.getLogger(__name__)
 
 # Step progress and warnings on the terminal; Dagster's DEBUG events stay in the instance's event log.
 # What `vnp run` materializes, in order; `until` stops after one of them ("embeddings": every shard).
@@ -127,10 +130,8 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
     shards = [] if until == "sequence_index" else [shard for shard in range(processing.num_shards) if rerun or not all(
         fresh(f"{model}_embeddings", sample_shard_key(sample, shard), layout.embeddings(model, shard)) for model in MODELS)]
     worker_count = min(slots, len(shards))
-    # With Ray the steps' processes are the cluster's actors: the workers need neither GPUs nor spares.
     local = gpus.executor == "local"
-    with (shard_workers(gpus.devices if local else [], worker_count, home, spares=local) if shards
-          else nullcontext()) as workers:
+    with shard_workers(gpus, worker_count, home) if shards else nullcontext() as workers:
         if rerun:
             stage("sequence_index", materialize_sample, "sequence_index")
         else:
@@ -151,8 +152,11 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
         if asset == "merged_embeddings" and "fp16_validation_report" in later:
             from vnp_core.validate import REFERENCE_MODULES
 
-            # The validation's device process, its imports done during the merge.
-            start_spare_device_process(REFERENCE_MODULES)
+            # The validation's device process (or Ray actor), its imports done during the merge.
+            if local:
+                start_spare_device_process(REFERENCE_MODULES)
+            else:
+                start_ray_actor_ahead(gpus, REFERENCE_MODULES)
         stage(asset, materialize_sample, asset)
 
     outputs = {"prep files": layout.prep_dir, "index": layout.index, "embedding shards": layout.embeddings_dir,
@@ -189,40 +193,51 @@ def resource_fields(resources: dict) -> dict[str, dict]:
 
 
 @contextmanager
-def shard_workers(devices: list[int] | None, worker_count: int, home: Path, *, spares: bool = True
-                  ) -> Iterator[ProcessPoolExecutor]:
+def shard_workers(gpus: GpuPool, worker_count: int, home: Path) -> Iterator[ProcessPoolExecutor]:
     """`worker_count` processes (one per usable GPU), started now and made ready for their steps."""
-    with ProcessPoolExecutor(worker_count, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_prepare_step_worker, initargs=(devices, str(home), os.getpid(), spares)) as pool:
+    with ProcessPoolExecutor(worker_count, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare_step_worker,
+                             initargs=(gpus.model_dump(), str(home), os.getpid())) as pool:
         for _ in range(worker_count):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
 
 
-# What this worker's spare device processes import: the engine and, on a GPU host, torch.compile's
-# machinery (3.4-4.5 s more); None: this worker starts no spares. Set by `_prepare_step_worker`.
-_spare_imports: list[str] | None = []
+# Starts what this worker's next GPU step will run in, ahead of it: a spare device process on this
+# host, or the step's actor on the Ray cluster. Set by `_prepare_step_worker`.
+_start_spare: Callable[[], None] | None = None
 
 
-def _prepare_step_worker(devices: list[int] | None, home: str, parent_pid: int, spares: bool) -> None:
+def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int) -> None:
     """What every step of the worker would otherwise do first, done while the index is built: start
-    the CUDA driver (counting the GPUs does; it creates no context on any GPU), start the spare
-    device process of its first step, import Dagster and the asset code, open the instance.
+    the CUDA driver (counting the GPUs does; it creates no context on any GPU), start what its first
+    step runs in with the engine imported (and, for a GPU, torch.compile's machinery: 3.4-4.5 s more),
+    import Dagster and the asset code, open the instance.
     First of all, the worker dies with `vnp run` (`parent_pid`): a killed run leaves no worker behind
-    (a pool's idle worker would otherwise wait for work forever)."""
+    (a pool's idle worker would otherwise wait for work forever), nor the Ray actor it started."""
     exit_with_parent(parent_pid)
-    from vnp_core.gpu import discover_devices
-
-    gpus = discover_devices(devices)
     from vnp_core.engine import COMPILER_MODULES, EMBED_SHARDS_MODULES
 
-    global _spare_imports
-    _spare_imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus else ())] if spares else None
-    if _spare_imports is not None:
-        start_spare_device_process(_spare_imports)
+    global _start_spare
+    gpus = GpuPool(**gpu_fields)
+    if gpus.executor == "ray":
+        imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus.ray_device == "cuda" else ())]
+        _start_spare = partial(start_ray_actor_ahead, gpus, imports)
+    else:
+        imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus.usable_devices else ())]
+        _start_spare = partial(start_spare_device_process, imports)
+    _start_spare()
     import vnp_assets.assets  # noqa: F401
 
     worker_instance(home)
+
+
+def start_ray_actor_ahead(gpus: GpuPool, imports: Sequence[str]) -> None:
+    """The next Ray GPU step's actor, started now (`RayGpuCluster.start_ahead`). A cluster that does not
+    answer is the step's to report, in its own words: here it is only logged."""
+    try:
+        gpus.ray_cluster.start_ahead(imports, log)
+    except Exception as error:  # noqa: BLE001 - the step connects again and fails with one line
+        log.warning("could not start the next GPU step's Ray actor ahead: %s", error)
 
 
 @cache
@@ -252,8 +267,8 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
         partition_key=sample_shard_key(sample, shard), asset_selection=[AssetKey(f"{model}_embeddings") for model in models],
         instance=worker_instance(home), run_config=console or console_at("INFO"), raise_on_error=False,
         tags=vnp_run_tags())
-    if spare_after and _spare_imports is not None:
-        start_spare_device_process(_spare_imports)
+    if spare_after and _start_spare is not None:
+        _start_spare()
     if result.success:
         return None
     errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
