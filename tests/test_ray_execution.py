@@ -457,6 +457,24 @@ def test_a_sample_through_the_graph_on_ray_gives_the_local_merged_vectors_bit_fo
         np.testing.assert_array_equal(merged["ray"].vectors[model], vectors)
 
 
+def test_vnp_run_on_ray_starts_each_steps_actor_ahead(loopback_cluster, tiny_models_dir, tmp_path):
+    # The shard workers start their step's actor while the index is built: the step finds it ready.
+    from dagster import DagsterInstance
+
+    from vnp_assets.run_sample import run_sample
+
+    flu = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "influenza_a_california_07_2009.fasta"
+    home = tmp_path / "home"
+    run = run_sample(flu, home=home, until="embeddings", num_shards=2, executor="ray", ray_device="cpu",
+                     ray_address=loopback_cluster.gcs_address, lock_dir=str(tmp_path / "gpu-locks"),
+                     tiny_models_dir=str(tiny_models_dir), console_log_level="WARNING")
+    assert "embeddings (2 steps of 2 models)" in run.stage_seconds
+    with DagsterInstance.from_config(str(home)) as instance:
+        placed = [event.user_message for found in instance.get_runs() if found.job_name == "embed_shard"
+                  for event in instance.all_logs(found.run_id) if ": on node " in (event.user_message or "")]
+    assert len(placed) == 2 and all(line.endswith("; its actor was started ahead") for line in placed), placed
+
+
 # The deployment configs, checked offline.
 
 DEPLOY = Path(__file__).resolve().parents[1] / "vnp_assets" / "deploy"
