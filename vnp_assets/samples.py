@@ -96,11 +96,8 @@ def register_sample(source: Path, name: str, storage: SampleStorage, registered:
 def indexed_before(source: Path, name: str, storage: SampleStorage) -> bool:
     """Whether `source`'s exact content is already a sample whose index was built from it, so it was
     read whole and checked once: a rerun (another classifier, say) need not read its records again."""
-    digest = hashlib.sha256()
     with open_regular_file(source) as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    sha256 = digest.hexdigest()
+        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
     for layout in (storage.layout(name), storage.layout(f"{name}-{sha256[:8]}")):
         try:
             if layout.input_sha256.read_text() == sha256 and layout.index.is_file():
