@@ -445,6 +445,9 @@ def test_run_refuses_bad_files_before_any_side_effect(work: Path, evil_models: d
     refused(["run", reads, *home, "--classifier", evil_models["evil_classifier"]], "--trust-classifier-pickle", work)
     refused(["run", reads, *home, "--esm2-model", evil_models["evil_zip"]], "--esm2-model", work)
     refused(["run", reads, *home, "--esm2-model", evil_models["garbage_pt"]], "not a torch checkpoint", work)
+    refused(["run", reads, *home, "--esm2-model", evil_models["garbled_pickle"]],
+            "garbled.pt: not a readable torch checkpoint (pop from empty list)", work)
+    refused(["run", reads, *home, "--esm2-model", evil_models["evil_pickle"]], "refused: loading it would run code", work)
     refused(["run", reads, *home, "--classifier", tiny / "classifier_300" / "300_model.state_dict.pt"],
             "trained on 300-bp chunks, but --chunk-length is 500", work)
     assert not evil_models["marker"].exists()

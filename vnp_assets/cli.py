@@ -442,9 +442,9 @@ def _check_safetensors(path: Path, option: str) -> None:
 
 
 def _check_torch_pickles(path: Path, option: str) -> None:
-    """`path`'s (or a model folder's) torch zip archives unpickled now, memory-mapped so their tensors are
-    not read: one that would run code, or is no checkpoint, is refused before `vnp run` starts. (A
-    legacy non-zip file would be read whole: the step that loads it refuses it the same way.)"""
+    """`path`'s (or a model folder's) torch checkpoints unpickled now, refusing tensors only: one that would
+    run code, or is no checkpoint, is refused before `vnp run` starts. A zip archive is memory-mapped, its
+    tensors not read; a legacy (non-zip) pickle cannot be, and is read whole, once more than the step will."""
     import argparse
     import zipfile
 
@@ -459,9 +459,8 @@ def _check_torch_pickles(path: Path, option: str) -> None:
                 if handle.read(1) != b"\x80":  # a pickle's first opcode
                     raise DoorError(f"{option} {file}: not a torch checkpoint (neither a torch zip archive nor a "
                                     "pickle): give a fair-esm .pt or a Hugging Face model folder")
-            continue
         try:
-            load_pickled_tensors(file, allowed=[argparse.Namespace], mmap=True)
+            load_pickled_tensors(file, allowed=[argparse.Namespace], mmap=zipfile.is_zipfile(file))
         except CheckpointError as error:
             raise DoorError(f"{option} {_one_line(str(error))}") from error
 
