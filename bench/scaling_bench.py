@@ -136,10 +136,12 @@ def main() -> None:
     if args.prepare_only:
         write_reads(args.workdir, args.reads, args.dup_fraction, args.genomes)
         return
+    # One compile cache for the warm-up and every timed run, as on a host whose homes share one.
+    compile_cache = {"compile_cache_dir": str(args.workdir / "compile_cache")}
     if args.warmup_reads:
         warmup = run_sample(write_reads(args.workdir, args.warmup_reads), num_shards=1, dtype=dtype, until="embeddings",
                             home=args.workdir / f"home_warmup_{time.time_ns()}", devices=None if args.smoke else [0],
-                            compile_min_tokens=0, **models)
+                            compile_min_tokens=0, **compile_cache, **models)
         print(f"warm-up (untimed):\n{warmup.summary()}", flush=True)
     reads = write_reads(args.workdir, args.reads, args.dup_fraction, args.genomes)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
@@ -157,7 +159,7 @@ def main() -> None:
         if home.exists() and not args.reuse_homes:
             shutil.rmtree(home)
         devices = None if args.smoke else list(range(args.first_gpu, args.first_gpu + count))
-        settings = dict(num_shards=count, devices=devices, dtype=dtype, **options, **models)
+        settings = dict(num_shards=count, devices=devices, dtype=dtype, **compile_cache, **options, **models)
         with ray_cluster_if(options.get("executor") == "ray", args.workdir, count, devices) as address:
             if address:  # the cluster hands out the GPUs (fake slots with --smoke: the work runs on the CPU)
                 settings.update(ray_address=address, devices=None, **({"ray_device": "cpu"} if args.smoke else {}))

@@ -84,6 +84,14 @@ def test_an_embedding_store_folder_that_is_a_file_is_refused(tmp_path: Path) -> 
     resources_from_settings({"embedding_cache_dir": str(tmp_path / "not yet")}, home=tmp_path)  # made when used
 
 
+def test_a_home_keeps_its_compiled_layers_and_a_file_in_their_place_is_refused(tmp_path: Path) -> None:
+    resources = resources_from_settings({}, home=tmp_path)
+    assert resources["models"].embed_config("cuda").compile_cache_dir == tmp_path / "compile_cache"
+    (tmp_path / "compiled").write_text("not a folder")
+    with pytest.raises(SettingsError, match=r"compile_cache_dir .*compiled: is a file, not a folder"):
+        resources_from_settings({"compile_cache_dir": str(tmp_path / "compiled")}, home=tmp_path)
+
+
 def test_instance_template_queues_runs_and_pools_gpu_steps(tmp_path: Path) -> None:
     shutil.copyfile(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
     with DagsterInstance.from_config(str(tmp_path)) as instance:

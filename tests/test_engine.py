@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from vnp_core.engine import (
     embed_fasta_to_hdf5,
     embed_sequences,
     embed_shards,
+    use_compile_cache,
 )
 from vnp_core.fasta import FastaError
 from vnp_core.index import COLUMNS as INDEX_COLUMNS
@@ -508,3 +511,41 @@ def test_embed_config_accepts_every_attention_back_end():
     for name in ("auto", *ATTENTION_BACKENDS):
         assert EmbedConfig(attention_backend=name).attention_backend == name
     assert EmbedConfig().max_protein_length == ESM2_MAX_RESIDUES == 1022
+
+
+# A compile in a process of its own (torch keeps compiled graphs in memory too); prints torch's cache counters.
+COMPILE_ONCE = """
+import sys
+from pathlib import Path
+import torch
+from torch._dynamo.utils import counters
+from vnp_core.engine import use_compile_cache
+use_compile_cache(Path(sys.argv[1]))
+torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, fullgraph=True)(torch.randn(4, 8))
+print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+def test_a_compile_is_kept_in_the_compile_cache_for_the_next_process(tmp_path):
+    def compile_once() -> tuple[int, int]:
+        done = subprocess.run([sys.executable, "-c", COMPILE_ONCE, str(tmp_path / "compile_cache")], capture_output=True,
+                              text=True, timeout=300, check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": ""})
+        hits, misses = done.stdout.split()[-2:]
+        return int(hits), int(misses)
+
+    assert compile_once() == (0, 1)
+    assert any((tmp_path / "compile_cache" / "fxgraph").iterdir())
+    assert compile_once() == (1, 0)  # another process, the same folder: loaded, not compiled
+
+
+def test_the_compile_cache_setting_leaves_torch_default_alone_when_unset(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    default = cache_dir()
+    use_compile_cache(None)
+    assert cache_dir() == default
+    use_compile_cache(tmp_path / "compiled")
+    assert cache_dir() == str(tmp_path / "compiled")
+    assert triton_cache_dir(0) == str(tmp_path / "compiled" / "triton")

@@ -39,9 +39,9 @@ class SettingsError(ValueError):
 
 
 def home_defaults(home: Path) -> dict[str, str]:
-    """Where a home keeps its storage, inbox and placeholder models unless the settings say otherwise."""
+    """Where a home keeps its storage, inbox, placeholder models and compiled layers unless the settings say otherwise."""
     return {"storage_root": str(home / "storage"), "inbox_dir": str(home / "inbox"),
-            "tiny_models_dir": str(home / "storage" / "tiny_models")}
+            "tiny_models_dir": str(home / "storage" / "tiny_models"), "compile_cache_dir": str(home / "compile_cache")}
 
 
 def home_storage(home: Path) -> SampleStorage:

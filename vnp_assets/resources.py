@@ -93,6 +93,9 @@ class ModelSet(ConfigurableResource):
     max_tokens: int | None = Field(default=None, description="Token budget of one pack (default: sized from free memory).")
     compile_min_tokens: int | None = Field(
         default=None, description="Compile a shard's layers from this many tokens on (default: each model's break-even; 0: always).")
+    compile_cache_dir: str | None = Field(
+        default=None, description="Where torch.compile keeps what it compiled, for later steps and runs on this host "
+                                  "(default: compile_cache in the home).")
 
     def given(self) -> dict[str, str | None]:
         """Each model's path as the user gave it (None: the tiny placeholder): every embedder, then the classifier."""
@@ -119,8 +122,12 @@ class ModelSet(ConfigurableResource):
 
     def embed_config(self, device: str) -> EmbedConfig:
         """How the models run on `device` ("cpu" or "cuda")."""
+        if self.compile_cache_dir is not None and Path(self.compile_cache_dir).is_file():
+            raise ValueError(f"compile_cache_dir {self.compile_cache_dir}: is a file, not a folder: give a folder "
+                             "for torch.compile's cache (made if missing)")
         return EmbedConfig(device=device, dtype=self.dtype or ("float32" if device == "cpu" else "float16"),
-                           max_tokens=self.max_tokens, compile_min_tokens=self.compile_min_tokens)
+                           max_tokens=self.max_tokens, compile_min_tokens=self.compile_min_tokens,
+                           compile_cache_dir=None if self.compile_cache_dir is None else Path(self.compile_cache_dir))
 
 
 class GpuPool(ConfigurableResource):

@@ -49,6 +49,10 @@ class EmbedConfig:
     # A shard's layers are compiled from this many tokens on (None: the model's own measured break-even,
     # `LoadedModel.compile_min_tokens`); 0 compiles every shard, e.g. to fill the compile cache.
     compile_min_tokens: int | None = None
+    # torch.compile's on-disk caches (Inductor's compiled graphs, their Triton kernels), kept across
+    # processes and runs: a later step with the same shapes loads them instead of compiling.
+    # None: torch's default folder under the system's temporary folder.
+    compile_cache_dir: Path | None = None
     max_protein_length: int = ESM2_MAX_RESIDUES
     # CPU worker processes that tokenise before the device loop (0: in the main process). Both
     # tokenizers are vectorised/Rust and fast; a worker costs a process start with a torch import,

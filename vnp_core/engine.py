@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import logging
 import multiprocessing
+import os
 import time
 import traceback
 from collections import Counter, deque
@@ -241,12 +242,25 @@ def load_job(job: ShardJob) -> _PreparedJob:
     return _PreparedJob(model, ids, tokenized, load_seconds)
 
 
+def use_compile_cache(directory: Path | None) -> None:
+    """Keep this process's torch.compile output in `directory` (None: torch's default).
+
+    torch takes the folder from these two variables, read each time it compiles or looks a compiled
+    graph up, never at import; its compile workers, started at the first compile, inherit them.
+    """
+    if directory is not None:
+        directory = Path(directory).resolve()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+        os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
+
+
 def compile_if_worth_it(model: LoadedModel, config: EmbedConfig, num_tokens: int) -> LoadedModel:
     """The model with its layers wrapped by torch.compile when that repays its cost on `num_tokens`
     tokens (`config.compile_min_tokens`, else the model's own break-even); tracing waits for the first pack."""
     threshold = model_spec(model.kind).compile_min_tokens if config.compile_min_tokens is None else config.compile_min_tokens
     if not config.compile_layers or model.device.type != "cuda" or model.compiled or num_tokens < threshold:
         return model
+    use_compile_cache(config.compile_cache_dir)
     model.module.compile_layers()
     return replace(model, compiled=True)
 

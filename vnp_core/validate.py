@@ -9,6 +9,8 @@ sequences and >= `min_cosine_all` for every one; any NaN/Inf fails.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from matplotlib.figure import Figure
 
 from vnp_core.atomic import atomic_path
 from vnp_core.config import EmbedConfig, ModelPaths, ValidationConfig
+
+log = logging.getLogger(__name__)
 
 REPORT_FILE = "validation_report.json"
 PER_SEQUENCE_FILE = "validation_per_sequence.parquet"
@@ -58,8 +62,13 @@ def reference_embeddings(models: ModelPaths, sequences: Mapping[str, list[str]],
     """Each model's unpacked fp32 reference (`ModelSpec.reference`) of its `sequences[name]`; run in a device process."""
     from vnp_core.models import MODELS
 
-    return {name: spec.reference(models.embedders[name], sequences[name], config, torch_device)
-            for name, spec in MODELS.items()}
+    reference = {}
+    for name, spec in MODELS.items():
+        start = time.perf_counter()
+        reference[name] = spec.reference(models.embedders[name], sequences[name], config, torch_device)
+        log.info("%s: fp32 reference of %d sequences (weights loaded and run) in %.1f s", name, len(sequences[name]),
+                 time.perf_counter() - start)
+    return reference
 
 
 def compare_embeddings(ids: Sequence[str], production: np.ndarray, reference: np.ndarray) -> pl.DataFrame:

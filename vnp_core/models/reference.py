@@ -27,9 +27,12 @@ def esm2_reference(checkpoint: Path, sequences: list[str], *, max_residues: int 
     from esm.model.esm2 import ESM2
 
     cfg, weights = read_esm2_weights(resolve_checkpoint(Path(checkpoint)))
-    model = ESM2(cfg.num_layers, cfg.embed_dim, cfg.attention_heads)
+    # Built on the device: its random initialisation, overwritten at once, took seconds on the CPU
+    # for the 3B model (and a second copy of the weights to move them).
+    with torch.device(device):
+        model = ESM2(cfg.num_layers, cfg.embed_dim, cfg.attention_heads)
     model.load_state_dict(weights, strict=False)  # LM/contact heads and rotary buffers are not read
-    model = model.to(device).eval()
+    model.eval()
     to_tokens = esm.Alphabet.from_architecture("ESM-1b").get_batch_converter()
     out = np.empty((len(sequences), cfg.embed_dim), dtype=np.float32)
     with torch.inference_mode():
