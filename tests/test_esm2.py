@@ -154,6 +154,18 @@ def test_long_proteins_are_truncated_and_still_match(one_layer):
     assert cosine(ours[2:], whole)[0] < 0.99
 
 
+def test_esm2_reference_in_padded_batches_equals_one_protein_at_a_time(tiny):
+    from vnp_core.models.reference import _length_batches
+
+    sequences = [*SEQUENCES, "M" * 40, "MKV"]
+    batched = _length_batches([len(s) + 2 for s in sequences], 64)
+    assert sorted(i for batch in batched for i in batch) == list(range(len(sequences)))
+    assert len(batched) < len(sequences) and all(len(b) * (max(len(sequences[i]) for i in b) + 2) <= 64
+                                                  for b in batched if len(b) > 1)
+    one_at_a_time = esm2_reference(tiny, sequences, batch_tokens=0)
+    np.testing.assert_allclose(esm2_reference(tiny, sequences, batch_tokens=64), one_at_a_time, atol=1e-6)
+
+
 def test_esm2_reference_is_fair_esm_loaded_by_fair_esm(tiny):
     token_ids = [ESM2Tokenizer().encode(s, "r")[0] for s in SEQUENCES]
     np.testing.assert_allclose(esm2_reference(tiny, SEQUENCES), fair_esm_embed(fair_esm_model(tiny), token_ids),

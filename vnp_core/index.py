@@ -69,11 +69,15 @@ def build_index(frames: pl.DataFrame, *, num_shards: int,
     if dnabert_tokenizer is None:
         dnabert_s_tokens = (pl.col("nucleotide_length") / DNABERT_S_BP_PER_TOKEN_ESTIMATE).ceil() + 2
     else:
-        tokenized = dnabert_tokenizer.encode_many(index["nucleotide"].to_list(), index["frame_id"].to_list())
-        dnabert_s_tokens = pl.lit(pl.Series(tokenized.lengths))
+        # Each distinct nucleotide once: copies of a read, and both strands of a place, repeat them.
+        distinct = index.select("nucleotide", "frame_id").unique("nucleotide", keep="first", maintain_order=True)
+        tokenized = dnabert_tokenizer.encode_many(distinct["nucleotide"].to_list(), distinct["frame_id"].to_list())
+        tokens = distinct.select("nucleotide", pl.Series("dnabert_s_tokens", tokenized.lengths))
         if int(tokenized.tokens.max(initial=0)) <= np.iinfo(TOKEN_ID_DTYPE).max:
-            index = index.with_columns(pl.Series(TOKEN_IDS, _token_bytes(tokenized), dtype=pl.Binary))
+            tokens = tokens.with_columns(pl.Series(TOKEN_IDS, _token_bytes(tokenized), dtype=pl.Binary))
             columns.append(TOKEN_IDS)
+        index = index.join(tokens, on="nucleotide", how="left", maintain_order="left")
+        dnabert_s_tokens = pl.col("dnabert_s_tokens")
     index = index.with_columns(
         esm2_tokens=(pl.min_horizontal("protein_length", ESM2_MAX_RESIDUES) + 2).cast(pl.Int64),
         dnabert_s_tokens=dnabert_s_tokens.cast(pl.Int64),
