@@ -3,6 +3,7 @@ the inbox sensor and declarative automation alone; `vnp run` carries a file thro
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 from vnp_assets.assets import build_assets
 from vnp_assets.platform import build_definitions
 from conftest import Resources
+from vnp_assets.run_liveness import PID_TAG
 from vnp_assets.run_sample import run_sample
 from vnp_assets.sensors import fasta_inbox_sensor
 from vnp_assets.cli import app
@@ -105,6 +107,11 @@ def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.Cap
         assert instance.get_dynamic_partitions("samples") == ["flu"]
         assert instance.get_latest_materialization_event(AssetKey("virnucpro_predictions")) is not None
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1  # no GPU here: one slot
+        # The merge and the validation both read the shards: they ran side by side, in two processes.
+        ran_in = {key.to_user_string(): run.tags[PID_TAG] for run in instance.get_runs()
+                  for key in run.asset_selection or ()}
+        assert ran_in["fp16_validation_report"] == str(os.getpid()) != ran_in["merged_embeddings"], (ran_in, run.output)
+    assert "merged_embeddings (beside the validation; time after it): " in run.output
 
     # A rerun with another classifier runs the calls alone: no embedder is loaded, no device process started.
     from vnp_core.tiny_models import write_tiny_classifier

@@ -21,7 +21,9 @@ from vnp_core.store import (
     export_merged_to_pt,
     merge_sample,
     read_embeddings,
+    read_ids,
     read_merged,
+    read_rows,
     write_embeddings,
 )
 
@@ -158,20 +160,18 @@ def test_merge_puts_both_models_in_index_order(tmp_path):
     assert "esm2.device" not in merged.attrs  # differs per shard: not a property of the matrix
 
 
-def test_a_merged_file_read_by_ids_gives_those_rows_in_their_order(tmp_path):
+def test_rows_read_by_id_from_the_shards_that_hold_them(tmp_path):
     index_ids = [f"read{i}_{frame}" for i in range(6) for frame in ("F1", "R2")]
-    esm2, dnabert = _write_sample(tmp_path, index_ids)
-    merge_sample(index_ids, {"dnabert_s": dnabert, "esm2": esm2}, tmp_path / "merged.h5", {"chunk_length": 300})
-    whole = read_merged(tmp_path / "merged.h5")
+    esm2, _ = _write_sample(tmp_path, index_ids)
+    shard_of = {frame_id: read_embeddings(path) for path in esm2 for frame_id in read_ids(path)}
 
-    wanted = ["read4_R2", "read0_F1", "read3_F1"]  # not in file order
-    some = read_merged(tmp_path / "merged.h5", wanted)
-    assert some.ids == wanted and some.attrs["chunk_length"] == 300 and list(some.vectors) == ["dnabert_s", "esm2"]
-    rows = [index_ids.index(frame_id) for frame_id in wanted]
-    for model in ("dnabert_s", "esm2"):
-        np.testing.assert_array_equal(some.vectors[model], whole.vectors[model][rows])
-    with pytest.raises(ValueError, match=r"merged.h5: no row for id\(s\) 'read9_F1'"):
-        read_merged(tmp_path / "merged.h5", ["read0_F1", "read9_F1"])
+    wanted = ["read4_R2", "read0_F1", "read3_F1"]  # from both shards, not in their order
+    rows = read_rows(esm2, wanted)
+    for frame_id, vector in zip(wanted, rows, strict=True):
+        shard = shard_of[frame_id]
+        np.testing.assert_array_equal(vector, shard.embeddings[shard.ids.index(frame_id)])
+    with pytest.raises(ValueError, match=r"no shard of .* holds id\(s\) 'read9_F1'"):
+        read_rows(esm2, ["read0_F1", "read9_F1"])
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,6 @@ def sample_jobs():
                          description="Prep and index one sample (a partition of `samples`)."),
         define_asset_job("embed_shard", AssetSelection.groups("embeddings") - AssetSelection.assets("merged_embeddings"),
                          description="Both models over one sample x shard partition, on one leased GPU."),
-        define_asset_job("finish_sample", AssetSelection.assets("merged_embeddings").downstream(),
+        define_asset_job("finish_sample", AssetSelection.assets("merged_embeddings", "fp16_validation_report").downstream(),
                          description="Merge a sample's shards, validate against fp32 and make the calls."),
     ]

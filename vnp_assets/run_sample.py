@@ -131,32 +131,44 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
         fresh(f"{model}_embeddings", sample_shard_key(sample, shard), layout.embeddings(model, shard)) for model in MODELS)]
     worker_count = min(slots, len(shards))
     local = gpus.executor == "local"
+    from vnp_core.validate import REFERENCE_MODULES  # what the validation's device process imports ahead
+
+    made = {"merged_embeddings": layout.merged, "fp16_validation_report": layout.report_dir,
+            "virnucpro_predictions": layout.predictions_dir}
+    finishing = list(STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]) if shards else []
     with shard_workers(gpus, worker_count, home) if shards else nullcontext() as workers:
         if rerun:
             stage("sequence_index", materialize_sample, "sequence_index")
         else:
             run.up_to_date.append("sequence_index")
+        if local and "fp16_validation_report" in finishing:
+            start_spare_device_process(REFERENCE_MODULES)  # the validation's, ready when the embeddings are
         if shards:
             stage(f"embeddings ({len(shards)} steps of {len(MODELS)} models)", embed_all_shards, workers,
                   worker_count, home, fields, sample, shards, console)
         elif until != "sequence_index":
             run.up_to_date.append("embeddings")
-    rerun = rerun or bool(shards)
-    later = STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]
-    made = {"merged_embeddings": layout.merged, "fp16_validation_report": layout.report_dir,
-            "virnucpro_predictions": layout.predictions_dir}
-    for asset in later:
-        if not (rerun := rerun or not fresh(asset, sample, made[asset])):
-            run.up_to_date.append(asset)
-            continue
-        if asset == "merged_embeddings" and "fp16_validation_report" in later:
-            from vnp_core.validate import REFERENCE_MODULES
-
-            # The validation's device process (or Ray actor), its imports done during the merge.
-            if local:
-                start_spare_device_process(REFERENCE_MODULES)
-            else:
+        if finishing[:2] == ["merged_embeddings", "fp16_validation_report"]:
+            # Both read the shards: the merge (CPU) runs in a shard worker while the validation (a GPU step) runs here.
+            merging = workers.submit(materialize_sample_step, str(home), fields, sample, "merged_embeddings", console)
+            if not local:  # not earlier: a Ray actor started ahead holds its GPU from the start
                 start_ray_actor_ahead(gpus, REFERENCE_MODULES)
+            stage("fp16_validation_report", materialize_sample, "fp16_validation_report")
+            waiting = time.perf_counter()
+            if failure := merging.result():
+                raise RuntimeError(f"the merge failed (the embedding shards are kept):\n{failure}")
+            run.stage_seconds["merged_embeddings (beside the validation; time after it)"] = time.perf_counter() - waiting
+            finishing = finishing[2:]
+    todo = finishing  # after embedding steps, every later stage runs
+    for asset in [] if shards else STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]:
+        if rerun := rerun or not fresh(asset, sample, made[asset]):
+            todo.append(asset)
+        else:
+            run.up_to_date.append(asset)
+    for asset in todo:
+        if asset == "merged_embeddings" and "fp16_validation_report" in todo:
+            # The validation's device process (or Ray actor), its imports done during the merge.
+            (start_spare_device_process if local else partial(start_ray_actor_ahead, gpus))(REFERENCE_MODULES)
         stage(asset, materialize_sample, asset)
 
     outputs = {"prep files": layout.prep_dir, "index": layout.index, "embedding shards": layout.embeddings_dir,
@@ -194,9 +206,13 @@ def resource_fields(resources: dict) -> dict[str, dict]:
 
 @contextmanager
 def shard_workers(gpus: GpuPool, worker_count: int, home: Path) -> Iterator[ProcessPoolExecutor]:
-    """`worker_count` processes (one per usable GPU), started now and made ready for their steps."""
+    """`worker_count` processes for the embedding steps (one per usable GPU), started now and made ready for them."""
+    from vnp_core.engine import COMPILER_MODULES, EMBED_SHARDS_MODULES
+
+    compiles = gpus.ray_device == "cuda" if gpus.executor == "ray" else bool(gpus.usable_devices)
+    imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if compiles else ())]
     with ProcessPoolExecutor(worker_count, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare_step_worker,
-                             initargs=(gpus.model_dump(), str(home), os.getpid())) as pool:
+                             initargs=(gpus.model_dump(), str(home), os.getpid(), imports)) as pool:
         for _ in range(worker_count):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
@@ -207,23 +223,19 @@ def shard_workers(gpus: GpuPool, worker_count: int, home: Path) -> Iterator[Proc
 _start_spare: Callable[[], None] | None = None
 
 
-def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int) -> None:
-    """What every step of the worker would otherwise do first, done while the index is built: start
-    the CUDA driver (counting the GPUs does; it creates no context on any GPU), start what its first
-    step runs in with the engine imported (and, for a GPU, torch.compile's machinery: 3.4-4.5 s more),
-    import Dagster and the asset code, open the instance.
+def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int, imports: list[str]) -> None:
+    """What every step of the worker would otherwise do first, done while the index is built (or the
+    merge runs): start the CUDA driver (counting the GPUs does; it creates no context on any GPU),
+    start what its first step runs in with `imports` done (for an embedding step on a GPU,
+    torch.compile's machinery: 3.4-4.5 s), import Dagster and the asset code, open the instance.
     First of all, the worker dies with `vnp run` (`parent_pid`): a killed run leaves no worker behind
     (a pool's idle worker would otherwise wait for work forever), nor the Ray actor it started."""
     exit_with_parent(parent_pid)
-    from vnp_core.engine import COMPILER_MODULES, EMBED_SHARDS_MODULES
-
     global _start_spare
     gpus = GpuPool(**gpu_fields)
     if gpus.executor == "ray":
-        imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus.ray_device == "cuda" else ())]
         _start_spare = partial(start_ray_actor_ahead, gpus, imports)
     else:
-        imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if gpus.usable_devices else ())]
         _start_spare = partial(start_spare_device_process, imports)
     _start_spare()
     import vnp_assets.assets  # noqa: F401
@@ -273,6 +285,19 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
         return None
     errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
     return f"shard {shard} of {sample}: " + "\n".join(errors)
+
+
+def materialize_sample_step(home: str, resource_fields: dict[str, dict], sample: str, asset: str,
+                            console: dict) -> str | None:
+    """In a worker process: `asset` of `sample` (a `finish_sample` step), recorded in the instance at
+    `home`. Its error text if it failed."""
+    result = worker_definitions(json.dumps(resource_fields, sort_keys=True)).resolve_job_def("finish_sample").execute_in_process(
+        partition_key=sample, asset_selection=[AssetKey(asset)], instance=worker_instance(home), run_config=console,
+        raise_on_error=False, tags=vnp_run_tags())
+    if result.success:
+        return None
+    errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
+    return "\n".join(errors or [f"{asset} of {sample} failed"])
 
 
 @cache

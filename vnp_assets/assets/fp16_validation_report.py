@@ -5,16 +5,16 @@ import time
 
 from dagster import (
     AssetCheckResult,
+    AssetDep,
     AssetExecutionContext,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
-from vnp_assets.assets.merged_embeddings import merged_embeddings
 from vnp_assets.checks import FLOW_ON_AFTER_CHECKS, partitioned_check
 from vnp_assets.metadata import histogram_thumbnail
-from vnp_assets.partitions import samples_partitions
+from vnp_assets.partitions import by_sample, samples_partitions
 from vnp_assets.resources import GpuPool, ModelSet, SampleProcessing, SampleStorage
 from vnp_assets.run_liveness import tag_run_with_this_process
 from vnp_core.models import MODELS
@@ -22,7 +22,8 @@ from vnp_core.models import MODELS
 
 @asset(
     partitions_def=samples_partitions,
-    deps=[merged_embeddings],
+    # The shards, as the merge reads them: the two run side by side, and the calls wait for both.
+    deps=[AssetDep(f"{model}_embeddings", partition_mapping=by_sample) for model in MODELS],
     pool="gpu",  # the fp32 reference of a real ESM-2 needs a GPU as much as production does
     check_specs=[partitioned_check("cosine_thresholds", "fp16_validation_report", samples_partitions,
                                    "Every model's embeddings agree with its fp32 reference within the thresholds.")],
@@ -34,7 +35,7 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
                            models: ModelSet, gpus: GpuPool) -> MaterializeResult:
     """A length-stratified subset recomputed in fp32, unpacked; cosine similarity per sequence, histogram, pass/fail."""
     from vnp_core.index import read_index, read_index_provenance
-    from vnp_core.store import read_merged
+    from vnp_core.store import read_attrs, read_rows
     from vnp_core.validate import (
         build_report,
         compare_embeddings,
@@ -51,17 +52,20 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
     index = read_index(layout.index)
     validation = processing.validation_config()
     subset = index[select_validation_subset(index["protein_length"].to_numpy(), validation.sample_size, validation.seed)]
-    merged = read_merged(layout.merged, subset["frame_id"].to_list())
+    frame_ids = subset["frame_id"].to_list()
+    shards = {model: [layout.embeddings(model, shard) for shard in range(processing.num_shards)] for model in MODELS}
+    production = {model: read_rows(paths, frame_ids) for model, paths in shards.items()}
     read_seconds = time.perf_counter() - start
     paths = models.paths(read_index_provenance(layout.index).chunk_length)
     sequences = {name: subset[spec.index_column].to_list() for name, spec in MODELS.items()}
     reference, where = gpus.run_on_gpu(reference_embeddings, paths, sequences, models.embed_config(gpus.torch_device),
                                        gpus.torch_device, log=context.log)
-    context.log.info(f"{len(subset):,} rows of the index and merged file read in {read_seconds:.1f} s; "
+    context.log.info(f"{len(subset):,} rows read from the index and the shards in {read_seconds:.1f} s; "
                      f"their fp32 reference computed in {time.perf_counter() - start - read_seconds:.1f} s")
-    per_model = {model: compare_embeddings(merged.ids, merged.vectors[model], reference[model]) for model in MODELS}
+    per_model = {model: compare_embeddings(frame_ids, production[model], reference[model]) for model in MODELS}
+    made_with = {model: read_attrs(paths[0]) for model, paths in shards.items()}
     run_context = {"sample": sample, "reference_device": where,
-                   **{key: merged.attrs[key] for model in MODELS for key in (f"{model}.dtype", f"{model}.attention_backend")}}
+                   **{f"{model}.{key}": made_with[model][key] for model in MODELS for key in ("dtype", "attention_backend")}}
     report = build_report(per_model, validation, run_context)
     files = write_report(report, per_model, layout.report_dir)
     histogram = base64.b64encode(files["histogram"].read_bytes()).decode()
