@@ -27,11 +27,9 @@ from vnp_core.engine import (
     ShardJob,
     TokenizationError,
     compile_if_worth_it,
-    compiled_before,
     embed_fasta_to_hdf5,
     embed_sequences,
     embed_shards,
-    mark_compiled,
     use_compile_cache,
 )
 from vnp_core.fasta import FastaError
@@ -434,25 +432,6 @@ def test_compile_from_the_models_own_break_even(kind):
     off = recording_model("cuda", kind)
     assert compile_if_worth_it(off, EmbedConfig(compile_layers=False, compile_min_tokens=0), 10 * threshold) is off
     assert off.module.compile_calls == 0
-
-
-@pytest.mark.parametrize("kind", ["esm2", "dnabert_s"])
-def test_a_model_compiled_before_in_the_compile_cache_compiles_from_its_warm_break_even(kind, tmp_path):
-    spec = model_spec(kind)
-    between = (spec.compile_min_tokens_warm + spec.compile_min_tokens) // 2
-    config = EmbedConfig(compile_cache_dir=tmp_path / "compile_cache")
-    assert spec.compile_min_tokens_warm < between < spec.compile_min_tokens
-    assert not compile_if_worth_it(recording_model("cuda", kind), config, between).compiled  # a cold cache
-
-    mark_compiled(recording_model("cuda", kind), config.compile_cache_dir)  # never compiled: no mark
-    assert not compiled_before(recording_model("cuda", kind), config.compile_cache_dir)
-    compiled = compile_if_worth_it(recording_model("cuda", kind), EmbedConfig(compile_min_tokens=0), 1)
-    mark_compiled(compiled, config.compile_cache_dir)
-    assert compiled_before(compiled, config.compile_cache_dir)
-    assert compile_if_worth_it(recording_model("cuda", kind), config, between).compiled
-    assert not compile_if_worth_it(recording_model("cuda", kind), config, spec.compile_min_tokens_warm - 1).compiled
-    # Another cache, or none, knows nothing of it.
-    assert not compile_if_worth_it(recording_model("cuda", kind), EmbedConfig(), between).compiled
 
 
 def test_compile_threshold_from_the_config_overrides_the_models():

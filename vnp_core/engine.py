@@ -187,7 +187,6 @@ def embed_shards(jobs: Sequence[ShardJob],
                 else:
                     stats = embed_with_cache(ready.model, ready.ids, ready.tokenized, job.out, job.config,
                                              job.cache_dir, attrs=job.attrs, progress=report)
-                mark_compiled(ready.model, job.config.compile_cache_dir)
                 outcomes.append(replace(stats, load_seconds=ready.load_seconds, waited_seconds=waited))
                 log.info("%s: %s written after %.1f s on the device", job.model, job.out.name, stats.seconds)
             except Exception as error:  # noqa: BLE001 - one failed job must not lose the others
@@ -243,26 +242,6 @@ def load_job(job: ShardJob) -> _PreparedJob:
     return _PreparedJob(model, ids, tokenized, load_seconds)
 
 
-def compiled_before(model: LoadedModel, cache_dir: Path | None) -> bool:
-    """Whether the compile cache at `cache_dir` holds this model's layers, compiled by a finished job."""
-    return cache_dir is not None and _compiled_marker(model, Path(cache_dir)).exists()
-
-
-def mark_compiled(model: LoadedModel, cache_dir: Path | None) -> None:
-    """Record in the compile cache that this model's layers were compiled there (`compiled_before`)."""
-    if cache_dir is not None and model.compiled:
-        marker = _compiled_marker(model, Path(cache_dir))
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-
-
-def _compiled_marker(model: LoadedModel, cache_dir: Path) -> Path:
-    # What decides the compiled graphs and kernels (weights are their inputs, not part of them).
-    gpu = torch.cuda.get_device_name(model.device) if torch.cuda.is_available() else "no GPU"
-    what = f"{model.kind} {model.embed_dim} {model.dtype} {model.attention_backend} torch {torch.__version__} {gpu}"
-    return cache_dir / "vnp_compiled" / hashlib.sha256(what.encode()).hexdigest()[:16]
-
-
 def use_compile_cache(directory: Path | None) -> None:
     """Keep this process's torch.compile output in `directory` (None: torch's default).
 
@@ -277,15 +256,8 @@ def use_compile_cache(directory: Path | None) -> None:
 
 def compile_if_worth_it(model: LoadedModel, config: EmbedConfig, num_tokens: int) -> LoadedModel:
     """The model with its layers wrapped by torch.compile when that repays its cost on `num_tokens`
-    tokens (`config.compile_min_tokens`, else the model's own break-even, lower where the compile cache
-    holds its layers compiled before); tracing waits for the first pack."""
-    spec = model_spec(model.kind)
-    if config.compile_min_tokens is not None:
-        threshold = config.compile_min_tokens
-    elif compiled_before(model, config.compile_cache_dir):
-        threshold = spec.compile_min_tokens_warm
-    else:
-        threshold = spec.compile_min_tokens
+    tokens (`config.compile_min_tokens`, else the model's own break-even); tracing waits for the first pack."""
+    threshold = model_spec(model.kind).compile_min_tokens if config.compile_min_tokens is None else config.compile_min_tokens
     if not config.compile_layers or model.device.type != "cuda" or model.compiled or num_tokens < threshold:
         return model
     use_compile_cache(config.compile_cache_dir)

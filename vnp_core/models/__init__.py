@@ -27,7 +27,6 @@ class ModelSpec:
     alphabet: str  # letters its FASTA input may hold
     pooling: str
     compile_min_tokens: int  # tokens from which a shard repays compiling the layers
-    compile_min_tokens_warm: int  # the same where the compile cache holds them compiled before
     load: Callable[[Path, EmbedConfig], LoadedModel]
     tokenizer: Callable[[Path, EmbedConfig], SequenceTokenizer]  # without reading the weights
     reference: Callable[[Path, list[str], EmbedConfig, str], np.ndarray]  # fp32, unpacked, on a torch device
@@ -38,8 +37,7 @@ def _dnabert_s() -> ModelSpec:
 
     return ModelSpec(
         name="dnabert_s", index_column="nucleotide", alphabet=NUCLEOTIDE_LETTERS, pooling=dnabert_s.POOLING,
-        compile_min_tokens=dnabert_s.COMPILE_MIN_TOKENS, compile_min_tokens_warm=dnabert_s.COMPILE_MIN_TOKENS_WARM,
-        load=dnabert_s_checkpoint.load_dnabert_s,
+        compile_min_tokens=dnabert_s.COMPILE_MIN_TOKENS, load=dnabert_s_checkpoint.load_dnabert_s,
         tokenizer=lambda path, config: dnabert_s.DnabertSTokenizer(Path(path) / "tokenizer.json"),
         reference=lambda path, sequences, config, device: reference.dnabert_s_reference(Path(path), sequences, device),
     )
@@ -50,8 +48,7 @@ def _esm2() -> ModelSpec:
 
     return ModelSpec(
         name="esm2", index_column="protein", alphabet=esm2.RESIDUES, pooling=esm2.POOLING,
-        compile_min_tokens=esm2.COMPILE_MIN_TOKENS, compile_min_tokens_warm=esm2.COMPILE_MIN_TOKENS_WARM,
-        load=esm2_checkpoint.load_esm2,
+        compile_min_tokens=esm2.COMPILE_MIN_TOKENS, load=esm2_checkpoint.load_esm2,
         tokenizer=lambda path, config: esm2.ESM2Tokenizer(config.max_protein_length),
         reference=lambda path, sequences, config, device: reference.esm2_reference(
             Path(path), sequences, max_residues=config.max_protein_length, device=device),

@@ -29,9 +29,6 @@ POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"
 # Compiling the layers (~40% faster) costs ~10-14 s at the first pack; from about this many tokens
 # a shard repays it (bench/BENCHMARKS.md).
 COMPILE_MIN_TOKENS = 50_000_000
-# With the compile cache holding the compiled layers, the first pack costs 1.5-2.7 s more than
-# eager and the rest runs at ~1.43M tokens/s against ~0.89M (H200, bench/BENCHMARKS.md).
-COMPILE_MIN_TOKENS_WARM = 6_500_000
 _ENCODE_BLOCK = 65536  # sequences per encode_batch call: bounds the tokenizer's transient memory
 
 

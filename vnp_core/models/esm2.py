@@ -36,9 +36,6 @@ POOLING = "mean over residues, BOS/EOS excluded, fp32"
 # Compiling the layers (~12% faster on ESM-2 3B) costs seconds at the first pack; from about this
 # many tokens a shard repays it, even on a host whose compile cache is cold (bench/BENCHMARKS.md).
 COMPILE_MIN_TOKENS = 2_000_000
-# With the compile cache holding the compiled 3B layers, a job of 1.1M tokens took 15.4-15.9 s
-# compiled against 20.4 s eager (H200, bench/BENCHMARKS.md).
-COMPILE_MIN_TOKENS_WARM = 1_000_000
 
 
 @dataclass(frozen=True)
