@@ -133,40 +133,38 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
     local = gpus.executor == "local"
     from vnp_core.validate import REFERENCE_MODULES  # what the validation's device process imports ahead
 
+    later = list(STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1])
     made = {"merged_embeddings": layout.merged, "fp16_validation_report": layout.report_dir,
             "virnucpro_predictions": layout.predictions_dir}
-    finishing = list(STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]) if shards else []
+    later_up_to_date = []
+    while not shards and later and fresh(later[0], sample, made[later[0]]):  # after embedding steps, all run
+        later_up_to_date.append(later.pop(0))
     with shard_workers(gpus, worker_count, home) if shards else nullcontext() as workers:
         if rerun:
             stage("sequence_index", materialize_sample, "sequence_index")
         else:
             run.up_to_date.append("sequence_index")
-        if local and "fp16_validation_report" in finishing:
-            start_spare_device_process(REFERENCE_MODULES)  # the validation's, ready when the embeddings are
         if shards:
+            if local and "fp16_validation_report" in later:
+                start_spare_device_process(REFERENCE_MODULES)  # the validation's, ready when the embeddings are
             stage(f"embeddings ({len(shards)} steps of {len(MODELS)} models)", embed_all_shards, workers,
                   worker_count, home, fields, sample, shards, console)
         elif until != "sequence_index":
             run.up_to_date.append("embeddings")
-        if finishing[:2] == ["merged_embeddings", "fp16_validation_report"]:
+        run.up_to_date += later_up_to_date
+        if workers is not None and later[:2] == ["merged_embeddings", "fp16_validation_report"]:
             # Both read the shards: the merge (CPU) runs in a shard worker while the validation (a GPU step) runs here.
             merging = workers.submit(materialize_sample_step, str(home), fields, sample, "merged_embeddings", console)
-            if not local:  # not earlier: a Ray actor started ahead holds its GPU from the start
+            if not local:  # not earlier: an actor started ahead holds its GPU from the start
                 start_ray_actor_ahead(gpus, REFERENCE_MODULES)
             stage("fp16_validation_report", materialize_sample, "fp16_validation_report")
             waiting = time.perf_counter()
             if failure := merging.result():
                 raise RuntimeError(f"the merge failed (the embedding shards are kept):\n{failure}")
             run.stage_seconds["merged_embeddings (beside the validation; time after it)"] = time.perf_counter() - waiting
-            finishing = finishing[2:]
-    todo = finishing  # after embedding steps, every later stage runs
-    for asset in [] if shards else STAGES[STAGES.index("embeddings") + 1 : STAGES.index(until) + 1]:
-        if rerun := rerun or not fresh(asset, sample, made[asset]):
-            todo.append(asset)
-        else:
-            run.up_to_date.append(asset)
-    for asset in todo:
-        if asset == "merged_embeddings" and "fp16_validation_report" in todo:
+            later = later[2:]
+    for asset in later:
+        if asset == "merged_embeddings" and "fp16_validation_report" in later:
             # The validation's device process (or Ray actor), its imports done during the merge.
             (start_spare_device_process if local else partial(start_ray_actor_ahead, gpus))(REFERENCE_MODULES)
         stage(asset, materialize_sample, asset)
@@ -224,8 +222,8 @@ _start_spare: Callable[[], None] | None = None
 
 
 def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int, imports: list[str]) -> None:
-    """What every step of the worker would otherwise do first, done while the index is built (or the
-    merge runs): start the CUDA driver (counting the GPUs does; it creates no context on any GPU),
+    """What every step of the worker would otherwise do first, done while the index is built: start
+    the CUDA driver (counting the GPUs does; it creates no context on any GPU),
     start what its first step runs in with `imports` done (for an embedding step on a GPU,
     torch.compile's machinery: 3.4-4.5 s), import Dagster and the asset code, open the instance.
     First of all, the worker dies with `vnp run` (`parent_pid`): a killed run leaves no worker behind
@@ -275,29 +273,30 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
 
     `spare_after`: start a spare device process once the step is done, for the worker's next step.
     """
-    result = worker_definitions(json.dumps(resource_fields, sort_keys=True)).resolve_job_def("embed_shard").execute_in_process(
-        partition_key=sample_shard_key(sample, shard), asset_selection=[AssetKey(f"{model}_embeddings") for model in models],
-        instance=worker_instance(home), run_config=console or console_at("INFO"), raise_on_error=False,
-        tags=vnp_run_tags())
+    failure = _execute_in_worker(home, resource_fields, "embed_shard", sample_shard_key(sample, shard),
+                                 [f"{model}_embeddings" for model in models], console or console_at("INFO"))
     if spare_after and _start_spare is not None:
         _start_spare()
-    if result.success:
-        return None
-    errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
-    return f"shard {shard} of {sample}: " + "\n".join(errors)
+    return None if failure is None else f"shard {shard} of {sample}: {failure}"
 
 
 def materialize_sample_step(home: str, resource_fields: dict[str, dict], sample: str, asset: str,
                             console: dict) -> str | None:
-    """In a worker process: `asset` of `sample` (a `finish_sample` step), recorded in the instance at
-    `home`. Its error text if it failed."""
-    result = worker_definitions(json.dumps(resource_fields, sort_keys=True)).resolve_job_def("finish_sample").execute_in_process(
-        partition_key=sample, asset_selection=[AssetKey(asset)], instance=worker_instance(home), run_config=console,
-        raise_on_error=False, tags=vnp_run_tags())
+    """In a worker process: `asset` of `sample` (a `finish_sample` step). Its error text if it failed."""
+    return _execute_in_worker(home, resource_fields, "finish_sample", sample, [asset], console)
+
+
+def _execute_in_worker(home: str, resource_fields: dict[str, dict], job: str, partition_key: str,
+                       assets: Sequence[str], console: dict) -> str | None:
+    """`assets` of one partition through `job`, in this worker, recorded in the instance at `home`;
+    the failed steps' error text, or None."""
+    result = worker_definitions(json.dumps(resource_fields, sort_keys=True)).resolve_job_def(job).execute_in_process(
+        partition_key=partition_key, asset_selection=[AssetKey(asset) for asset in assets], instance=worker_instance(home),
+        run_config=console, raise_on_error=False, tags=vnp_run_tags())
     if result.success:
         return None
-    errors = [event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
-    return "\n".join(errors or [f"{asset} of {sample} failed"])
+    return "\n".join([event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
+                     or [f"the {job} run of {partition_key} failed"])
 
 
 @cache
