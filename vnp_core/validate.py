@@ -14,13 +14,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-from matplotlib.figure import Figure
 
 from vnp_core.atomic import atomic_path
 from vnp_core.config import EmbedConfig, ModelPaths, ValidationConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +205,8 @@ def _cosine_histogram(report: dict, per_model: dict[str, pl.DataFrame]) -> Figur
     """Histogram of 1 - cosine on a log axis, where 0.999 and 0.9999 are a decade apart."""
     floor = 1e-9  # identical vectors (1 - cosine <= 0) are drawn in the first bin
     edges = np.logspace(np.log10(floor), 0, 10 * 9 + 1)  # ten bins a decade
+    from matplotlib.figure import Figure  # here only: the reference's device process needs no plotting
+
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.subplots()
     for name, comparison in per_model.items():
