@@ -224,3 +224,13 @@ def test_a_merged_file_lists_its_models_and_one_without_the_list_is_refused(tmp_
         del f.attrs["models"]
     with pytest.raises(ValueError, match="merged.h5: not a vnp merged embeddings file"):
         read_merged(tmp_path / "merged.h5")
+
+
+def test_a_shard_hdf5_cannot_open_is_refused_naming_it(tmp_path):
+    garbage = tmp_path / "shard-0.h5"
+    garbage.write_bytes(b"not hdf5")
+    for read in (read_ids, read_embeddings, lambda path: read_rows([path], ["r0"])):
+        with pytest.raises(ValueError, match=r"shard-0.h5: not a readable HDF5 file \(.*\): expected an embeddings shard"):
+            read(garbage)
+    with pytest.raises(FileNotFoundError):  # the file system's own error, which names the path
+        read_ids(tmp_path / "missing.h5")

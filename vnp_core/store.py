@@ -73,14 +73,25 @@ def write_embeddings(path: Path, ids: Sequence[str], embeddings: np.ndarray, att
         f.attrs.update(attrs)
 
 
+def _read_h5(path: Path, what: str = "an embeddings shard") -> h5py.File:
+    """`path` opened for reading; a file HDF5 cannot open is refused naming it (h5py's message does not)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        if error.errno is not None:  # the file system's own error (missing, permissions) names the path
+            raise
+        raise ValueError(f"{path}: not a readable HDF5 file ({(str(error).splitlines() or [type(error).__name__])[0]}): "
+                         f"expected {what}") from error
+
+
 def read_embeddings(path: Path) -> EmbeddingFile:
-    with h5py.File(path, "r") as f:
+    with _read_h5(path) as f:
         _require(f, path, ("ids", "embeddings"))
         return EmbeddingFile(f["ids"].asstr()[:].tolist(), f["embeddings"][:], _attrs(f))
 
 
 def read_ids(path: Path) -> list[str]:
-    with h5py.File(path, "r") as f:
+    with _read_h5(path) as f:
         _require(f, path, ("ids",))
         return f["ids"].asstr()[:].tolist()
 
@@ -91,7 +102,7 @@ def read_rows(paths: Sequence[Path], ids: Sequence[str]) -> np.ndarray:
     wanted = {frame_id: place for place, frame_id in enumerate(ids)}
     vectors, found = None, np.zeros(len(ids), dtype=bool)
     for path in paths:
-        with h5py.File(path, "r") as f:
+        with _read_h5(path) as f:
             _require(f, path, ("ids", "embeddings"))
             hits = [(row, wanted[frame_id]) for row, frame_id in enumerate(f["ids"].asstr()[:]) if frame_id in wanted]
             if not hits:
@@ -112,7 +123,7 @@ def nonfinite_rows(path: Path, block_bytes: int = 16 << 20) -> np.ndarray:
 
     Blocks of ~16 MB stay in the CPU caches between the read and the scan.
     """
-    with h5py.File(path, "r") as f:
+    with _read_h5(path) as f:
         _require(f, path, ("embeddings",))
         vectors = f["embeddings"]
         block_rows = max(1, block_bytes // (vectors.dtype.itemsize * max(1, vectors.shape[1])))
@@ -121,7 +132,7 @@ def nonfinite_rows(path: Path, block_bytes: int = 16 << 20) -> np.ndarray:
 
 
 def read_attrs(path: Path) -> dict:
-    with h5py.File(path, "r") as f:
+    with _read_h5(path) as f:
         return _attrs(f)
 
 
@@ -352,12 +363,7 @@ def _model_attrs(model: str, shard_attrs: Sequence[tuple[Path, dict]]) -> dict:
 
 
 def read_merged(path: Path) -> MergedEmbeddings:
-    try:
-        f = h5py.File(path, "r")
-    except OSError as error:  # h5py's message names no file
-        raise ValueError(f"{path}: not a readable HDF5 file ({(str(error).splitlines() or [type(error).__name__])[0]}): "
-                         "give a sample's merged embeddings (embeddings/merged.h5)") from error
-    with f:
+    with _read_h5(path, "a sample's merged embeddings (embeddings/merged.h5)") as f:
         models = _merged_models(f, path)
         return MergedEmbeddings(f["ids"].asstr()[:].tolist(), {model: f[model][:] for model in models}, _attrs(f))
 
