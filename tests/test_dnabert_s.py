@@ -271,3 +271,9 @@ def test_write_tiny_dnabert_s_is_deterministic(tmp_path):
         assert (first / name).read_bytes() == (again / name).read_bytes()
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
     assert sorted(p.name for p in first.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_reference_in_padded_batches_equals_one_sequence_at_a_time(tiny):
+    sequences = ["ACGTACGTTTGACCA" * k for k in (1, 2, 2, 3, 7, 10)] + ["GATTACA"]
+    one_at_a_time = dnabert_s_reference(tiny, sequences, batch_tokens=0)
+    np.testing.assert_allclose(dnabert_s_reference(tiny, sequences, batch_tokens=256), one_at_a_time, atol=1e-5)

@@ -1,8 +1,9 @@
 """The fp32 reference paths the packed forwards are validated against: unpacked.
 
-ESM-2's is fair-esm's own `ESM2`, in its padded batches. DNABERT-S has no runnable original (its remote code needs an old
-Triton), so its reference writes the same equations out independently of `PackedDnabertS`
-(explicit (L, L) ALiBi bias, plain softmax); it shares only the checkpoint reader and the tokenizer.
+ESM-2's is fair-esm's own `ESM2`, in its padded batches. DNABERT-S has no runnable original (its remote
+code needs an old Triton), so its reference writes the same equations out independently of
+`PackedDnabertS` (explicit (L, L) ALiBi bias, plain softmax, padded batches with the padding masked);
+it shares only the checkpoint reader and the tokenizer.
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def dnabert_s_reference(model_dir: Path, sequences: list[str], device: torch.device | str = "cpu") -> np.ndarray:
-    """(N, hidden) float32: DNABERT-S's equations in fp32, one unpadded sequence at a time."""
+def dnabert_s_reference(model_dir: Path, sequences: list[str], device: torch.device | str = "cpu", *,
+                        batch_tokens: int = 16384) -> np.ndarray:
+    """(N, hidden) float32: DNABERT-S's equations in fp32, over padded batches of sequences of similar
+    length (at most `batch_tokens` tokens with padding; 0: one at a time), padded keys masked out."""
     config = DnabertSConfig.from_json(model_dir / "config.json")
     _, weights = read_checkpoint(model_dir, torch.device(device))
     w = {key: tensor.float() for key, tensor in weights.items()}
@@ -85,22 +88,30 @@ def dnabert_s_reference(model_dir: Path, sequences: list[str], device: torch.dev
     def layer_norm(x: torch.Tensor, name: str) -> torch.Tensor:
         return F.layer_norm(x, (d,), w[f"{name}.weight"], w[f"{name}.bias"], config.layer_norm_eps)
 
+    token_ids = [tokenizer.encode(sequence, str(row))[0] for row, sequence in enumerate(sequences)]
     out = np.empty((len(sequences), d), dtype=np.float32)
-    for row, sequence in enumerate(sequences):
-        ids = torch.from_numpy(tokenizer.encode(sequence, str(row))[0]).to(device)
-        n = len(ids)
-        pos = torch.arange(n, dtype=torch.float32, device=device)
+    for batch in _length_batches([len(ids) for ids in token_ids], batch_tokens):
+        n, length = len(batch), max(len(token_ids[row]) for row in batch)
+        ids = torch.zeros((n, length), dtype=torch.long)
+        real = torch.zeros((n, length), dtype=torch.bool)
+        for i, row in enumerate(batch):
+            ids[i, : len(token_ids[row])] = torch.from_numpy(token_ids[row])
+            real[i, : len(token_ids[row])] = True
+        ids, real = ids.to(device), real.to(device)
+        pos = torch.arange(length, dtype=torch.float32, device=device)
         bias = -slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs()  # (H, L, L)
+        bias = bias[None].masked_fill(~real[:, None, None, :], float("-inf"))  # (n, H, L, L): no weight on padding
         x = layer_norm(w["embeddings.word_embeddings.weight"][ids] + w["embeddings.token_type_embeddings.weight"][0],
                        "embeddings.LayerNorm")
         for i in range(config.num_hidden_layers):
             p = f"encoder.layer.{i}"
-            q, k, v = linear(x, f"{p}.attention.self.Wqkv").view(n, 3, heads, -1).permute(1, 2, 0, 3)  # (H, L, Dh)
-            probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d // heads) + bias, dim=-1)
-            a = (probs @ v).transpose(0, 1).reshape(n, d)
+            q, k, v = linear(x, f"{p}.attention.self.Wqkv").view(n, length, 3, heads, -1).permute(2, 0, 3, 1, 4)
+            probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads) + bias, dim=-1)  # (n, H, L, L)
+            a = (probs @ v).transpose(1, 2).reshape(n, length, d)
             x = layer_norm(linear(a, f"{p}.attention.output.dense") + x, f"{p}.attention.output.LayerNorm")
             g = linear(x, f"{p}.mlp.gated_layers")
-            h = F.gelu(g[:, :inner]) * g[:, inner:]
+            h = F.gelu(g[..., :inner]) * g[..., inner:]
             x = layer_norm(linear(h, f"{p}.mlp.wo") + x, f"{p}.mlp.layernorm")
-        out[row] = x.mean(0).cpu().numpy()
+        pooled = (x * real[..., None]).sum(1) / real.sum(1, keepdim=True)  # mean over each sequence's own tokens
+        out[batch] = pooled.cpu().numpy()
     return out
