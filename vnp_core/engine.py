@@ -458,7 +458,7 @@ def _complete_shard(out_path: Path, fingerprint: str) -> dict | None:
         return None
     try:
         attrs = read_attrs(out_path)
-    except OSError as error:  # e.g. a disk that failed under a finished file: recompute rather than stop
+    except (OSError, ValueError) as error:  # a disk that failed under a finished file, a file HDF5 cannot open: recompute
         log.warning("%s cannot be read (%s): recomputing it", out_path, error)
         return None
     if attrs.get("fingerprint") == fingerprint:
