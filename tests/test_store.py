@@ -230,7 +230,7 @@ def test_a_shard_hdf5_cannot_open_is_refused_naming_it(tmp_path):
     garbage = tmp_path / "shard-0.h5"
     garbage.write_bytes(b"not hdf5")
     for read in (read_ids, read_embeddings, lambda path: read_rows([path], ["r0"])):
-        with pytest.raises(ValueError, match=r"shard-0.h5: not a readable HDF5 file \(.*\): expected an embeddings shard"):
+        with pytest.raises(ValueError, match=r"shard-0.h5: not a readable HDF5 file \(.*\): an embeddings shard is expected there: remove it and rerun"):
             read(garbage)
     with pytest.raises(FileNotFoundError):  # the file system's own error, which names the path
         read_ids(tmp_path / "missing.h5")

@@ -73,7 +73,10 @@ def write_embeddings(path: Path, ids: Sequence[str], embeddings: np.ndarray, att
         f.attrs.update(attrs)
 
 
-def _read_h5(path: Path, what: str = "an embeddings shard") -> h5py.File:
+SHARD_HINT = "an embeddings shard is expected there: remove it and rerun its embedding step (or vnp run)"
+
+
+def _read_h5(path: Path, hint: str = SHARD_HINT) -> h5py.File:
     """`path` opened for reading; a file HDF5 cannot open is refused naming it (h5py's message does not)."""
     try:
         return h5py.File(path, "r")
@@ -81,7 +84,7 @@ def _read_h5(path: Path, what: str = "an embeddings shard") -> h5py.File:
         if error.errno is not None:  # the file system's own error (missing, permissions) names the path
             raise
         raise ValueError(f"{path}: not a readable HDF5 file ({(str(error).splitlines() or [type(error).__name__])[0]}): "
-                         f"expected {what}") from error
+                         f"{hint}") from error
 
 
 def read_embeddings(path: Path) -> EmbeddingFile:
@@ -363,7 +366,7 @@ def _model_attrs(model: str, shard_attrs: Sequence[tuple[Path, dict]]) -> dict:
 
 
 def read_merged(path: Path) -> MergedEmbeddings:
-    with _read_h5(path, "a sample's merged embeddings (embeddings/merged.h5)") as f:
+    with _read_h5(path, "give a sample's merged embeddings (embeddings/merged.h5)") as f:
         models = _merged_models(f, path)
         return MergedEmbeddings(f["ids"].asstr()[:].tolist(), {model: f[model][:] for model in models}, _attrs(f))
 
