@@ -121,6 +121,30 @@ def test_features_given_as_column_groups_score_as_the_joined_matrix(tmp_path, mo
         predict(classifier, frame_ids(12), [whole[:11, :7], whole[:, 7:]], chunk_length=300)
 
 
+def test_copies_are_scored_once_and_take_their_firsts_scores(tmp_path, monkeypatch):
+    import vnp_core.classify as classify
+
+    classifier = load_classifier(write_tiny_classifier(tmp_path, in_features=IN_FEATURES, chunk_length=300)["state_dict"])
+    whole = features(12)
+    same_as = np.array([0, 1, 0, 3, 1, 5, 6, 3, 8, 9, 0, 11])  # rows 2 and 10 copy row 0, 4 copies 1, 7 copies 3
+    whole[[2, 10]], whole[4], whole[7] = whole[0], whole[1], whole[3]
+    monkeypatch.setattr(classify, "_ROWS_PER_FORWARD", 4)  # scored rows span blocks
+    scored = []
+    forward = classifier.module.forward
+    monkeypatch.setattr(classifier.module, "forward", lambda x: scored.append(len(x)) or forward(x))
+
+    once = predict(classifier, frame_ids(12), [whole[:, :7], whole[:, 7:]], chunk_length=300, same_as=same_as)
+    assert sum(scored) == 8  # the 8 first copies
+    every = predict(classifier, frame_ids(12), whole, chunk_length=300)
+    assert once["frame_id"].equals(every["frame_id"]) and once["prediction"].equals(every["prediction"])
+    np.testing.assert_allclose(once["score2"].to_numpy(), every["score2"].to_numpy(), rtol=1e-6)
+    assert (once["score2"].to_numpy()[same_as] == once["score2"].to_numpy()).all()  # a copy's scores are its first's
+    bad = whole.copy()
+    bad[3, 9] = np.nan
+    with pytest.raises(ValueError, match=r"^1 feature rows contain NaN/Inf, e.g. \['seq_chunk_1R1'\]"):
+        predict(classifier, frame_ids(12), bad, chunk_length=300, same_as=same_as)
+
+
 def test_features_of_the_other_chunk_length_are_refused(tmp_path):
     classifier = load_classifier(write_tiny_classifier(tmp_path, in_features=IN_FEATURES, chunk_length=300)["state_dict"])
 

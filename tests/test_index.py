@@ -12,6 +12,7 @@ from vnp_core.index import (
     IndexProvenance,
     ShardRows,
     build_index,
+    first_copies,
     index_summary,
     read_index,
     read_index_provenance,
@@ -72,6 +73,22 @@ def test_every_copy_of_a_frame_lands_in_one_shard(t4_frames):
         assert index.group_by(column).agg(pl.col("shard").n_unique())["shard"].max() == 1
     shards = index_summary(index)["shards"]
     assert shards["frames"].max() / shards["frames"].min() < 1.05
+
+
+def test_first_copies_point_each_frame_at_the_first_with_its_nucleotide_and_protein(t4_frames):
+    copies = t4_frames.head(300).with_columns(frame_id=pl.col("frame_id") + "_copy")
+    index = build_index(pl.concat([t4_frames, copies]), num_shards=2)
+    ids = index["frame_id"].to_list()
+    first = first_copies(index, ids)
+    by_id = dict(zip(ids, first.tolist(), strict=True))
+    for frame_id in copies["frame_id"].head(20):  # a copy and its original share a first, which comes first
+        original = frame_id.removesuffix("_copy")
+        assert by_id[frame_id] == by_id[original] <= min(ids.index(frame_id), ids.index(original))
+    sequences = index.select("nucleotide", "protein").rows()
+    assert all(sequences[row] == sequences[first[row]] and first[first[row]] == first[row] for row in range(len(ids)))
+    assert (first == np.arange(len(ids))).sum() == index.select("nucleotide", "protein").n_unique()
+    with pytest.raises(ValueError, match=r"1 frame\(s\) are not in the sequence index, e.g. \['nowhere_F1'\]"):
+        first_copies(index, [ids[0], "nowhere_F1"])
 
 
 def test_only_prep_order_follows_the_order_of_the_input(t4_frames):

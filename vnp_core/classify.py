@@ -144,13 +144,15 @@ def _classifier_from_state_dict(state_dict: dict[str, torch.Tensor], path: Path)
 
 
 def predict(classifier: LoadedClassifier, ids: Sequence[str], features: np.ndarray | Sequence[np.ndarray], *,
-            chunk_length: int) -> pl.DataFrame:
+            chunk_length: int, same_as: np.ndarray | None = None) -> pl.DataFrame:
     """Per frame: `frame_id`, `prediction` (`virus`/`others`), `score1` = P(others), `score2` = P(virus).
 
     `features`: the (N, in_features) classifier input, or its column groups in order (each model's
     vectors, as the merged file holds them). Groups are joined a block of rows at a time: a 640k-row
     sample's 8.5 GB input is never built whole. `chunk_length` is the one the features were made
-    with; it must be the classifier's.
+    with; it must be the classifier's. `same_as` (optional, one row number per row): a row whose
+    features are bit-identical, the row itself for the first of its copies; only those are scored,
+    and every copy takes its first's scores.
     """
     if chunk_length != classifier.chunk_length:
         raise ValueError(
@@ -163,20 +165,25 @@ def predict(classifier: LoadedClassifier, ids: Sequence[str], features: np.ndarr
     if any(len(group) != len(ids) for group in groups) or shape[1] != classifier.in_features:
         raise ValueError(f"features have shape {shape}, expected ({len(ids)}, {classifier.in_features}) "
                          f"for {len(ids)} ids and the classifier {classifier.source}")
+    everyone = np.arange(len(ids))
+    scored = everyone if same_as is None else np.flatnonzero(same_as == everyone)
 
     probabilities, nonfinite = [], []
     with torch.inference_mode():
         # One forward per block of rows, the joined block the only copy made of the input.
-        for start in range(0, len(ids), _ROWS_PER_FORWARD):
-            rows = np.concatenate([group[start:start + _ROWS_PER_FORWARD] for group in groups], axis=1,
-                                  dtype=np.float32)
+        for start in range(0, len(scored), _ROWS_PER_FORWARD):
+            block = scored[start:start + _ROWS_PER_FORWARD]
+            rows = np.concatenate([group[block[0]:block[-1] + 1] if same_as is None else group[block]
+                                   for group in groups], axis=1, dtype=np.float32)
             bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
-            nonfinite.extend((start + bad).tolist())
+            nonfinite.extend(block[bad].tolist())
             if not nonfinite:
                 probabilities.append(F.softmax(classifier.module(torch.from_numpy(rows)), dim=1))
     if nonfinite:
         raise ValueError(f"{len(nonfinite)} feature rows contain NaN/Inf, e.g. {[ids[i] for i in nonfinite[:5]]}")
     scores = torch.cat(probabilities).numpy() if probabilities else np.empty((0, 2), dtype=np.float32)
+    if same_as is not None:
+        scores = scores[np.searchsorted(scored, same_as)]  # each copy's first is a scored row
     # The original labels with torch.max, which returns the first maximum: a tie is `others`.
     return pl.DataFrame({
         "frame_id": list(ids),

@@ -13,6 +13,7 @@ seconds sooner: tokenising a 350k-row shard took 5-6 s on an H200 host, while th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,17 @@ def build_index(frames: pl.DataFrame, *, num_shards: int,
     # same nucleotide too) in one shard: a step dedups only its own rows through the embedding
     # store, so shards embedded at once on several GPUs would otherwise each embed the copies.
     return index.with_columns(shard=(pl.col("protein").rle_id() % num_shards).cast(pl.Int32)).select(columns)
+
+
+def first_copies(index: pl.DataFrame, frame_ids: Sequence[str]) -> np.ndarray:
+    """For each of `frame_ids` (e.g. a merged file's rows), the position of the first of them with
+    the same nucleotide and protein: itself for the first of its copies."""
+    rows = (pl.DataFrame({"frame_id": list(frame_ids)}, schema={"frame_id": pl.String}).with_row_index("row")
+            .join(index.select("frame_id", "nucleotide", "protein"), on="frame_id", how="left", maintain_order="left"))
+    if rows["protein"].null_count():
+        raise ValueError(f"{rows['protein'].null_count()} frame(s) are not in the sequence index, "
+                         f"e.g. {rows.filter(pl.col('protein').is_null())['frame_id'].head(5).to_list()}")
+    return rows.select(pl.col("row").first().over("nucleotide", "protein")).to_series().to_numpy().astype(np.int64)
 
 
 def _token_bytes(tokenized: Tokenized) -> list[bytes]:
