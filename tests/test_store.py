@@ -200,6 +200,19 @@ def test_merge_refuses_shards_computed_differently(tmp_path):
         merge_sample(index_ids, {"dnabert_s": dnabert, "esm2": esm2}, tmp_path / "merged.h5", {})
 
 
+def test_an_attribute_only_some_shards_have_is_not_the_merged_matrixs(tmp_path):
+    index_ids = [f"r{i}" for i in range(4)]
+    esm2, dnabert = _write_sample(tmp_path, index_ids)
+    for path in esm2:  # both shards made through the store; one DNABERT-S shard remade without it
+        shard = read_embeddings(path)
+        write_embeddings(path, shard.ids, shard.embeddings, {**shard.attrs, "cache_identity": "abc"})
+    shard = read_embeddings(dnabert[0])
+    write_embeddings(dnabert[0], shard.ids, shard.embeddings, {**shard.attrs, "cache_identity": "def"})
+    merge_sample(index_ids, {"dnabert_s": dnabert, "esm2": esm2}, tmp_path / "merged.h5", {})
+    attrs = read_merged(tmp_path / "merged.h5").attrs
+    assert attrs["esm2.cache_identity"] == "abc" and "dnabert_s.cache_identity" not in attrs
+
+
 def test_pt_export_has_the_original_layout(tmp_path):
     index_ids = [f"r{i}" for i in range(5)]
     esm2, dnabert = _write_sample(tmp_path, index_ids)

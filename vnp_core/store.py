@@ -362,7 +362,10 @@ def _model_attrs(model: str, shard_attrs: Sequence[tuple[Path, dict]]) -> dict:
             # Rows from different weights, dtypes or back ends in one matrix would not be comparable.
             if merged.setdefault(key, value) != value:
                 raise MergeError(f"{path}: {model} shard has {key}={value!r}, an earlier shard has {merged[key]!r}")
-    return merged
+    # One that only some shards have does not hold for the matrix (e.g. the store's identity, when a
+    # shard was remade without the store: its copies of a frame no longer share one vector).
+    everywhere = set.intersection(*(set(attrs) for _, attrs in shard_attrs)) if shard_attrs else set()
+    return {key: value for key, value in merged.items() if key in everywhere or key in ("truncated", "rows_from_cache")}
 
 
 def read_merged(path: Path) -> MergedEmbeddings:
