@@ -22,6 +22,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 import yaml
 from dagster import DagsterEventType, DagsterInstance
 
+from vnp_core.errors import first_line
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 GPU_POOL = "gpu"
 # dagster-postgres installs psycopg2, while SQLAlchemy 2.1 maps a plain `postgresql://` to psycopg 3
@@ -105,8 +107,7 @@ def prepare_home(home: Path, *, postgres_url: str | None = None, gpu_slots: int)
         if created:  # nothing half made: a later call with the right URL starts afresh
             config.unlink(missing_ok=True)
         if isinstance(error, Exception) and not isinstance(error, ValueError):
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise HomeError(f"{home}: cannot open its run storage ({where}): {first_line}") from error
+            raise HomeError(f"{home}: cannot open its run storage ({where}): {first_line(error)}") from error
         raise
     (home / "inbox").mkdir(exist_ok=True)
     return instance

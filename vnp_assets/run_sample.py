@@ -234,6 +234,9 @@ def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int, imports: 
     if gpus.executor == "ray":
         _start_spare = partial(start_ray_actor_ahead, gpus, imports)
     else:
+        from vnp_core.gpu import discover_devices
+
+        discover_devices(gpus.devices)  # the step's lease counts the GPUs again: the driver is up by then
         _start_spare = partial(start_spare_device_process, imports)
     _start_spare()
     import vnp_assets.assets  # noqa: F401

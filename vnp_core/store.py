@@ -20,6 +20,7 @@ import polars as pl
 import torch
 
 from vnp_core.atomic import atomic_path, publish, write_error
+from vnp_core.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,17 @@ def write_embeddings(path: Path, ids: Sequence[str], embeddings: np.ndarray, att
         f.attrs.update(attrs)
 
 
-SHARD_HINT = "an embeddings shard is expected there: remove it and rerun its embedding step (or vnp run)"
+_SHARD_HINT = "an embeddings shard is expected there: remove it and rerun its embedding step (or vnp run)"
 
 
-def _read_h5(path: Path, hint: str = SHARD_HINT) -> h5py.File:
+def _read_h5(path: Path, hint: str = _SHARD_HINT) -> h5py.File:
     """`path` opened for reading; a file HDF5 cannot open is refused naming it (h5py's message does not)."""
     try:
         return h5py.File(path, "r")
     except OSError as error:
         if error.errno is not None:  # the file system's own error (missing, permissions) names the path
             raise
-        raise ValueError(f"{path}: not a readable HDF5 file ({(str(error).splitlines() or [type(error).__name__])[0]}): "
+        raise ValueError(f"{path}: not a readable HDF5 file ({first_line(error)}): "
                          f"{hint}") from error
 
 
@@ -364,7 +365,7 @@ def _model_attrs(model: str, shard_attrs: Sequence[tuple[Path, dict]]) -> dict:
                 raise MergeError(f"{path}: {model} shard has {key}={value!r}, an earlier shard has {merged[key]!r}")
     # One that only some shards have does not hold for the matrix (e.g. the store's identity, when a
     # shard was remade without the store: its copies of a frame no longer share one vector).
-    everywhere = set.intersection(*(set(attrs) for _, attrs in shard_attrs)) if shard_attrs else set()
+    everywhere = set.intersection(*(set(attrs) for _, attrs in shard_attrs))
     return {key: value for key, value in merged.items() if key in everywhere or key in ("truncated", "rows_from_cache")}
 
 

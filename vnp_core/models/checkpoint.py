@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from vnp_core.errors import first_line
+
 
 class CheckpointError(ValueError):
     """A model file that cannot be read as the checkpoint it should be (the message names the file)."""
@@ -36,13 +38,7 @@ def load_pickled_tensors(path: Path, *, allowed: Sequence[type] = (), mmap: bool
         raise CheckpointError(f"{path}: refused: loading it would run code or build objects a checkpoint "
                               f"does not hold ({_unpickler_reason(error)})") from error
     except Exception as error:  # noqa: BLE001 - a garbled pickle makes the unpickler raise anything (IndexError, KeyError...)
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(error)})") from error
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(error)})") from error
 
 
 def _unpickler_reason(error: pickle.UnpicklingError) -> str:
@@ -50,7 +46,7 @@ def _unpickler_reason(error: pickle.UnpicklingError) -> str:
     without its advice to load the file with weights_only=False."""
     text = str(error)
     found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    return found.group(1).split(". ")[0] if found else _first_line(error)
+    return found.group(1).split(". ")[0] if found else first_line(error)
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
