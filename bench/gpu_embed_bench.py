@@ -88,16 +88,18 @@ def padded_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict:
+    """Per-sequence cosine statistics, and whether they pass fp16's thresholds and FP8's (`ValidationConfig`)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return {
         "n": int(len(cos)), "min": float(cos.min()), "p1": float(np.percentile(cos, 1)),
         "median": float(np.median(cos)), "frac_ge_0.999": float((cos >= 0.999).mean()),
         "pass": bool((cos >= 0.995).all() and (cos >= 0.999).mean() >= 0.99),
+        "pass_fp8": bool((cos >= 0.99).all() and (cos >= 0.995).mean() >= 0.99),
     }
 
 
-def gemm_ceiling(num_layers: int, width: int, ffn: int, tokens: int = 16384) -> dict:
+def gemm_ceiling(num_layers: int, width: int, ffn: int, tokens: int = 16384, fp8: bool = False) -> dict:
     """Tokens/s of the layer GEMMs alone (qkv, out, fc1, fc2): what no implementation can beat."""
     out = {}
     for dtype in (torch.float16, torch.bfloat16):
@@ -112,6 +114,26 @@ def gemm_ceiling(num_layers: int, width: int, ffn: int, tokens: int = 16384) -> 
         seconds = timed(layers, warmup=2, reps=5)
         flops = 2 * tokens * num_layers * (3 * width * width + width * width + 2 * width * ffn)
         out[str(dtype).removeprefix("torch.")] = {"tokens_per_s": round(tokens / seconds), "tflops": round(flops / seconds / 1e12, 1)}
+    if fp8:  # the same GEMMs in e4m3 with row-wise scales, activations quantised beforehand (not timed)
+        from vnp_core.models.fp8 import quantize_rows
+
+        def fp8_weight(n_in, n_out):
+            w8, scale = quantize_rows(torch.randn(n_out, n_in, device=DEVICE) * 0.02)
+            return w8.T, scale.T.contiguous()
+
+        x8, x_scale = quantize_rows(torch.randn(tokens, width, device=DEVICE))
+        h8, h_scale = quantize_rows(torch.randn(tokens, ffn, device=DEVICE))
+        gemms = [(x8, x_scale, *fp8_weight(width, 3 * width)), (x8, x_scale, *fp8_weight(width, width)),
+                 (x8, x_scale, *fp8_weight(width, ffn)), (h8, h_scale, *fp8_weight(ffn, width))]
+
+        def fp8_layers():
+            for _ in range(num_layers):
+                for a, a_scale, b, b_scale in gemms:
+                    torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scale, out_dtype=torch.float16)
+
+        seconds = timed(fp8_layers, warmup=2, reps=5)
+        flops = 2 * tokens * num_layers * (3 * width * width + width * width + 2 * width * ffn)
+        out["fp8_e4m3_rowwise"] = {"tokens_per_s": round(tokens / seconds), "tflops": round(flops / seconds / 1e12, 1)}
     return out
 
 
@@ -207,7 +229,7 @@ def esm2_section(args) -> None:
     from vnp_core.models.esm2 import ESM2Config, ESM2Tokenizer, PackedESM2
 
     layers, width, heads = SHAPES["esm2"]
-    record("esm2_gemm_ceiling", gemm_ceiling(layers, width, 4 * width))
+    record("esm2_gemm_ceiling", gemm_ceiling(layers, width, 4 * width, fp8=args.fp8))
     alphabet = esm.Alphabet.from_architecture("ESM-1b")
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -220,6 +242,13 @@ def esm2_section(args) -> None:
         "fp16_torch_varlen_compiled": PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND),
     }
     ours["fp16_torch_varlen_compiled"].compile_layers()  # the engine's choice on CUDA for a large shard
+    if args.fp8:  # what `EmbedConfig(fp8=True)` loads: the same weights, linear layers quantised once
+        from vnp_core.models.fp8 import use_fp8_linears
+
+        for variant in ("fp8_torch_varlen", "fp8_torch_varlen_compiled"):
+            ours[variant] = PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND)
+            use_fp8_linears(ours[variant].layers)
+        ours["fp8_torch_varlen_compiled"].compile_layers()
     if args.esm2_variants:
         ours["bf16_torch_varlen"] = PackedESM2.from_weights(cfg, weights, DEVICE, torch.bfloat16, ESM2_BACKEND)
     del weights
@@ -259,7 +288,7 @@ def esm2_section(args) -> None:
             "vnp_fp16_packed_64k": lambda: vnp_embed(ours["fp16_torch_varlen"], tokens, 65536),
             "vnp_fp16_packed_compiled_64k": lambda: vnp_embed(ours["fp16_torch_varlen_compiled"], tokens, 65536),
         }
-        for variant in ("bf16_torch_varlen", "fp16_torch_varlen_fused_qkv"):
+        for variant in ("bf16_torch_varlen", "fp16_torch_varlen_fused_qkv", "fp8_torch_varlen", "fp8_torch_varlen_compiled"):
             if variant in ours:
                 runs[f"vnp_{variant}_64k"] = lambda m=ours[variant]: vnp_embed(m, tokens, 65536)
         for variant, fn in runs.items():
@@ -271,11 +300,13 @@ def esm2_section(args) -> None:
             except Exception as error:  # a failing variant is recorded, not fatal
                 record(f"esm2_throughput_{variant}_{name}", f"failed: {error!r}")
     engine_end_to_end(ours["fp16_torch_varlen_compiled"], cfg, sets["virnucpro500"], args.workdir)
+    if args.fp8:
+        engine_end_to_end(ours["fp8_torch_varlen_compiled"], cfg, sets["virnucpro500"], args.workdir, fp8=True)
     del hf, fair, ours
     torch.cuda.empty_cache()
 
 
-def engine_end_to_end(module, cfg, sequences: list[str], workdir: Path) -> None:
+def engine_end_to_end(module, cfg, sequences: list[str], workdir: Path, fp8: bool = False) -> None:
     """The product path: `embed_sequences` with worker tokenising, checkpoints and the HDF5 shard."""
     from vnp_core.config import EmbedConfig
     from vnp_core.engine import embed_sequences
@@ -284,13 +315,13 @@ def engine_end_to_end(module, cfg, sequences: list[str], workdir: Path) -> None:
 
     loaded = LoadedModel(kind="esm2", name="esm2_t36_3B_random", module=module, tokenizer=ESM2Tokenizer(1022),
                          embed_dim=cfg.embed_dim, weights_sha256="random", source="random", device=torch.device(DEVICE),
-                         dtype=torch.float16, attention_backend=ESM2_BACKEND, pooling=POOLING)
+                         dtype=torch.float16, attention_backend=ESM2_BACKEND, pooling=POOLING, fp8=fp8)
     ids = [f"p{i}" for i in range(len(sequences))]
     for run in range(2):  # the first run also pays compilation for new shapes
         out = workdir / f"engine_{run}.h5"
         out.unlink(missing_ok=True)
         stats = embed_sequences(loaded, ids, sequences, out, EmbedConfig(device=DEVICE, dtype="float16", max_tokens=65536, num_workers=4))
-    record("esm2_throughput_vnp_engine_to_hdf5_compiled_64k_virnucpro500", {
+    record(f"esm2_throughput_vnp_engine_to_hdf5_{'fp8_' if fp8 else ''}compiled_64k_virnucpro500", {
         "tokens_per_s": round(stats.tokens_per_s), "sequences_per_s": round(stats.sequences_per_s, 1), "seconds": round(stats.seconds, 3)})
 
 
@@ -437,6 +468,7 @@ def main() -> None:
     parser.add_argument("--sections", default="esm2,dnabert")
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--esm2-variants", action="store_true", help="Also time bf16 and a fused-qkv candidate.")
+    parser.add_argument("--fp8", action="store_true", help="Also ESM-2 with FP8 linear layers (Ada/Hopper), eager and compiled.")
     parser.add_argument("--dnabert-flex", action="store_true", help="Also time the FlexAttention back end.")
     parser.add_argument("--profile", action="store_true", help="Also record the top GPU kernels of one DNABERT-S pack.")
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU: checks this script, measures nothing.")
@@ -475,7 +507,7 @@ def print_table() -> None:
         if isinstance(value, dict) and "tokens_per_s" in value:
             print(f"| {key} | {value['tokens_per_s']:,} tok/s |")
         elif isinstance(value, dict) and "min" in value:
-            print(f"| {key} | min {value['min']:.5f} p1 {value['p1']:.5f} pass={value['pass']} |")
+            print(f"| {key} | min {value['min']:.5f} p1 {value['p1']:.5f} pass={value['pass']} pass_fp8={value['pass_fp8']} |")
 
 
 if __name__ == "__main__":

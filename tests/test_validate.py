@@ -7,8 +7,10 @@ import pytest
 from vnp_core.config import ValidationConfig
 from vnp_core.validate import (
     build_report,
+    compare_calls,
     compare_embeddings,
     report_markdown,
+    select_validation_chunks,
     select_validation_subset,
     write_report,
 )
@@ -163,3 +165,77 @@ def test_reference_embeddings_runs_each_models_reference_on_its_sequences(tmp_pa
     # The config's protein length limit reaches the reference: "MKVLAG" is embedded as "MKV".
     np.testing.assert_array_equal(references["esm2"], esm2_reference(esm2, ["MKV", "MK"], max_residues=None))
     assert not np.allclose(references["esm2"][0], esm2_reference(esm2, ["MKVLAG"], max_residues=None)[0])
+
+
+# ---------------------------------------------------------------------------------------- FP8
+
+
+def test_a_model_in_fp8_is_held_to_fp8_thresholds():
+    cosines = [0.993] + [0.996] * 99  # fails fp16's (0.995 / 0.999), passes FP8's (0.99 / 0.995)
+    per_model = {"esm2": comparison(cosines), "dnabert_s": comparison([1.0] * 3)}
+    half = build_report(per_model, CONFIG, {})
+    fp8 = build_report(per_model, CONFIG, {}, precision={"esm2": "fp8_e4m3+float16", "dnabert_s": "float16"})
+    assert not half["passed"] and fp8["passed"]
+    assert (fp8["models"]["esm2"]["min_cosine_all"], fp8["models"]["esm2"]["min_cosine_p99"]) == (0.99, 0.995)
+    assert fp8["models"]["dnabert_s"]["min_cosine_p99"] == 0.999  # the model in fp16 keeps fp16's
+    markdown = report_markdown(fp8)
+    assert "Thresholds (esm2): every cosine >= 0.99," in markdown and "Thresholds (dnabert_s): every cosine >= 0.995," in markdown
+    assert not build_report({"esm2": comparison([0.989] + [0.999] * 99)}, CONFIG, {}, {"esm2": "fp8_e4m3+float16"})["passed"]
+
+
+def frames_of_chunks(chunks: int, frames_per_chunk: int = 3) -> pl.DataFrame:
+    """An index's chunk columns: `chunks` chunks of a few frames, longest protein growing with the chunk."""
+    rows = [(f"r{c // 2}", c % 2, f"r{c // 2}_{c % 2}F{f}", 10 + c + f) for c in range(chunks) for f in range(frames_per_chunk)]
+    return pl.DataFrame(rows, schema=["record_id", "chunk_index", "frame_id", "protein_length"], orient="row")
+
+
+def test_validation_rows_are_whole_chunks_of_about_the_size_asked():
+    index = frames_of_chunks(300)
+    rows = select_validation_chunks(index, 60, seed=0)
+    assert np.array_equal(rows, select_validation_chunks(index, 60, seed=0)) and np.all(np.diff(rows) > 0)
+    chosen = index[rows]
+    assert len(chosen) == 60  # 20 chunks of 3 frames
+    per_chunk = chosen.group_by("record_id", "chunk_index").len()["len"]
+    assert per_chunk.to_list() == [3] * 20  # every frame of each chosen chunk
+    # Stratified by length: the shortest and the longest tenth of the chunks are both drawn from.
+    chunk_rank = chosen["protein_length"].to_numpy() - 10
+    assert chunk_rank.min() < 30 and chunk_rank.max() >= 270
+    assert len(select_validation_chunks(frames_of_chunks(5), 60, seed=0)) == 15  # a small sample: every chunk
+
+
+def sign_classifier(width: int):
+    """A VirNucPro classifier that calls a frame viral exactly when its first feature is positive."""
+    import torch
+
+    from vnp_core.classify import LoadedClassifier, VirNucProClassifier
+
+    module = VirNucProClassifier(width, 2)
+    with torch.no_grad():
+        module.hidden_layer.weight.zero_()
+        module.hidden_layer.weight[0, 0], module.hidden_layer.weight[1, 0] = 1.0, -1.0
+        module.hidden_layer.bias.zero_()
+        module.output_layer.weight.copy_(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))  # others: relu(-x), virus: relu(x)
+        module.output_layer.bias.zero_()
+    return LoadedClassifier(module=module, chunk_length=500, in_features=width, source="sign", weights_sha256="")
+
+
+def test_call_agreement_counts_the_chunks_called_otherwise_and_fails_only_under_fp8():
+    index = frames_of_chunks(40, frames_per_chunk=2)
+    frame_ids = index["frame_id"].to_list()
+    reference = {"dnabert_s": np.ones((80, 3), np.float32), "esm2": np.ones((80, 5), np.float32)}
+    production = {"dnabert_s": reference["dnabert_s"].copy(), "esm2": reference["esm2"].copy()}
+    production["dnabert_s"][[0, 1], 0] = -1.0  # both frames of the first chunk now look like others
+    classifier = sign_classifier(8)
+
+    calls = compare_calls(classifier, frame_ids, production, reference, chunk_length=500, config=CONFIG, applies=True)
+    assert (calls.chunks, calls.agreeing, calls.agreement) == (40, 39, 0.975)
+    assert calls.disagreeing_chunks == ["r0_0"] and not calls.passed
+    per_model = {"esm2": comparison([1.0] * 80), "dnabert_s": comparison([1.0] * 80)}
+    assert not build_report(per_model, CONFIG, {}, {"esm2": "fp8_e4m3+float16"}, calls)["passed"]
+    markdown = report_markdown(build_report(per_model, CONFIG, {}, {"esm2": "fp8_e4m3+float16"}, calls))
+    assert "VirNucPro calls: 39 of 40 chunks (97.50%)" in markdown and "FAIL" in markdown and "r0_0" in markdown
+
+    in_fp16 = compare_calls(classifier, frame_ids, production, reference, chunk_length=500, config=CONFIG, applies=False)
+    assert build_report(per_model, CONFIG, {}, None, in_fp16)["passed"]  # reported, not part of pass/fail
+    same = compare_calls(classifier, frame_ids, reference, reference, chunk_length=500, config=CONFIG, applies=True)
+    assert same.agreement == 1.0 and same.passed

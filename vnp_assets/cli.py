@@ -573,13 +573,18 @@ _DTYPE = typer.Option("--dtype", help="float32, float16 or bfloat16.")
 _MAX_TOKENS = typer.Option("--max-tokens", help="Token budget of one pack (default: sized from free device memory).")
 _BACKEND = typer.Option("--attention", help=f"One of {', '.join(get_args(AttentionBackend))}.")
 _COMPILE = typer.Option("--compile/--no-compile", help="torch.compile each layer on CUDA (faster; first pack pays the compile).")
+_FP8 = typer.Option("--fp8", help="ESM-2's linear layers in FP8 e4m3 (Ada/Hopper GPUs; with --dtype float16 or bfloat16). "
+                                   "Off by default: validated on random weights only.")
 _WORKERS = typer.Option("--workers", help="CPU processes that tokenise before the device loop (0: none).")
 
 
 def _embed(model_name: str, input: Path, model: Path, out: Path, *, device: str, dtype: str, max_tokens: int | None,
-           attention: str, workers: int, compile_layers: bool, max_protein_length: int = ESM2_MAX_RESIDUES) -> None:
+           attention: str, workers: int, compile_layers: bool, max_protein_length: int = ESM2_MAX_RESIDUES,
+           fp8: bool = False) -> None:
     _check_device(device)
     _check_choice("--dtype", dtype, DTYPES)
+    if fp8 and dtype == "float32":
+        raise DoorError("--fp8 keeps activations in float16 or bfloat16: add --dtype float16")
     _check_at_least("--max-tokens", max_tokens, 1, " (tokens in one pack)")
     _check_at_least("--max-protein-length", max_protein_length, 1, " (residues kept per protein)")
     _check_at_least("--workers", workers, 0)
@@ -591,7 +596,7 @@ def _embed(model_name: str, input: Path, model: Path, out: Path, *, device: str,
     from vnp_core.engine import embed_fasta_to_hdf5
 
     # `--compile` compiles whatever the input's size: the user asked for it.
-    config = EmbedConfig(device=device, dtype=dtype, max_tokens=max_tokens, max_protein_length=max_protein_length,
+    config = EmbedConfig(device=device, dtype=dtype, fp8=fp8, max_tokens=max_tokens, max_protein_length=max_protein_length,
                          attention_backend=attention, num_workers=workers, compile_layers=compile_layers,
                          compile_min_tokens=0)
     stats = embed_fasta_to_hdf5(model_name, input, model, out, config, show_progress=True)
@@ -610,10 +615,12 @@ def embed_esm2(
     attention: Annotated[str, _BACKEND] = "auto",
     workers: Annotated[int, _WORKERS] = 0,
     compile_layers: Annotated[bool, _COMPILE] = True,
+    fp8: Annotated[bool, _FP8] = False,
 ) -> None:
     """Mean-pooled last-layer ESM-2 embeddings (residues only) of every protein."""
     _embed("esm2", input, model, out, device=device, dtype=dtype, max_tokens=max_tokens,
-           max_protein_length=max_protein_length, attention=attention, workers=workers, compile_layers=compile_layers)
+           max_protein_length=max_protein_length, attention=attention, workers=workers, compile_layers=compile_layers,
+           fp8=fp8)
 
 
 @embed_app.command("dnabert-s")
@@ -670,7 +677,8 @@ def run(
     dnabert_s_model: Annotated[Optional[Path], typer.Option("--dnabert-s-model", help="DNABERT-S directory (default: tiny model).")] = None,
     classifier: Annotated[Optional[Path], typer.Option("--classifier", help="VirNucPro classifier weights (default: tiny model).")] = None,
     trust_classifier_pickle: Annotated[bool, typer.Option("--trust-classifier-pickle", help="Allow a pickled whole-module classifier (runs code from the file).")] = False,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16, bfloat16 or float32 (default: float16 on GPU or with --fp8, float32 on CPU).")] = None,
+    fp8: Annotated[bool, _FP8] = False,
     devices: Annotated[Optional[str], typer.Option("--devices", help="Physical GPU ids to use, e.g. 2,3 (default: every GPU).")] = None,
     until: Annotated[str, typer.Option("--until", help="Stop after this stage: sequence_index, embeddings, merged_embeddings, fp16_validation_report or virnucpro_predictions.")] = "virnucpro_predictions",
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Serve known sequences from the embedding store under the home, and add new ones to it.")] = True,
@@ -687,6 +695,8 @@ def run(
     _check_at_least("--shards", shards, 1, " (leave the option out for one per GPU)")
     if dtype is not None:
         _check_choice("--dtype", dtype, DTYPES)
+    if fp8 and dtype == "float32":
+        raise DoorError("--fp8 keeps activations in float16 or bfloat16: leave --dtype out or give one of those")
     gpu_ids = None if devices is None else _device_list(devices)
     _check_choice("--until", until, RUN_STAGES)
     _check_choice("--executor", executor, ("local", "ray"))
@@ -718,7 +728,7 @@ def run(
 
     sample_run = run_sample(input, home=home, until=until, chunk_length=chunk_length, num_shards=shards,
                             **{key: None if path is None else str(path) for key, path in models.items()},
-                            trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, devices=gpu_ids,
+                            trust_classifier_pickle=trust_classifier_pickle, dtype=dtype, fp8=fp8 or None, devices=gpu_ids,
                             embedding_cache=cache, executor=executor, ray_address=ray_address,
                             # Dagster's step log, progress and failures with their stack traces: with --verbose.
                             console_log_level="INFO" if VnpGroup.verbose else "CRITICAL")

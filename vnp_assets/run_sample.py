@@ -34,6 +34,7 @@ from functools import cache, partial
 from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRunStatus, Definitions
+from dagster._core.errors import DagsterAssetCheckFailedError  # not exported at the top level in 1.13
 
 from vnp_assets.instance import prepare_home
 from vnp_assets.platform import RESOURCES, build_definitions, resources_from_settings
@@ -121,8 +122,16 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
 
     def materialize_sample(asset: str) -> None:
         job = "index_sample" if asset == "sequence_index" else "finish_sample"
-        defs.resolve_job_def(job).execute_in_process(partition_key=sample, asset_selection=[AssetKey(asset)],
-                                                     instance=instance, run_config=console, tags=vnp_run_tags())
+        try:
+            defs.resolve_job_def(job).execute_in_process(partition_key=sample, asset_selection=[AssetKey(asset)],
+                                                         instance=instance, run_config=console, tags=vnp_run_tags())
+        except DagsterAssetCheckFailedError as error:
+            if asset != "fp16_validation_report":
+                raise
+            from vnp_core.validate import REPORT_FILE
+
+            raise ValueError(f"{asset}: the embeddings failed their comparison with the fp32 reference, so no calls "
+                             f"were made: see {layout.report_dir / REPORT_FILE}") from error
 
     # A stage whose outputs are up to date is skipped (a rerun with another classifier embeds nothing and
     # loads no embedder); once one stage runs, every later one runs too.

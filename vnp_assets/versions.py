@@ -33,7 +33,8 @@ def asset_code_versions(storage: SampleStorage, processing: SampleProcessing, mo
                                           checksum(paths.embedders["dnabert_s"]))}  # it keeps DNABERT-S token ids
     for name in MODELS:
         versions[f"{name}_embeddings"] = _digest(versions["sequence_index"], checksum(paths.embedders[name]),
-                                                 f"dtype={models.dtype}", f"max_residues={embed.max_protein_length}")
+                                                 f"dtype={models.dtype}", f"max_residues={embed.max_protein_length}",
+                                                 *(["fp8"] if name == "esm2" and models.fp8 else []))
     versions["merged_embeddings"] = _digest(*(versions[f"{name}_embeddings"] for name in MODELS))
     versions["fp16_validation_report"] = _digest(versions["merged_embeddings"],
                                                  f"subset={processing.validation_sample_size}")

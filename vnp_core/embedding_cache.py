@@ -48,7 +48,7 @@ class ModelIdentity:
 
     kind: str  # "esm2", "dnabert_s"
     weights_sha256: str
-    dtype: str  # "float16", "bfloat16", "float32"
+    dtype: str  # `LoadedModel.precision`: "float16", "bfloat16", "float32", "fp8_e4m3+float16"...
     max_length: int | None  # tokens the model sees at most (ESM-2: 1022 residues); None if unbounded
     pooling: str  # "mean", ...
     code_version: str  # bumped when the embedding code changes its numbers

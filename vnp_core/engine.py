@@ -91,7 +91,7 @@ class EmbedStats:
     sequences_per_s: float  # sequences embedded by this run, per second
     truncated: int
     device: str
-    dtype: str
+    dtype: str  # `LoadedModel.precision`
     attention_backend: str
     max_tokens: int
     resumed_from_rows: int  # rows taken from a checkpoint or an already complete shard
@@ -361,7 +361,7 @@ def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized
     return EmbedStats(
         sequences=len(ids), tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
         sequences_per_s=(len(ids) - resumed) / seconds, truncated=tokenized.truncated, device=str(model.device),
-        dtype=_dtype_name(model.dtype), attention_backend=model.attention_backend, max_tokens=max_tokens,
+        dtype=model.precision, attention_backend=model.attention_backend, max_tokens=max_tokens,
         resumed_from_rows=resumed, first_pack_seconds=first_pack_seconds, compiled=model.compiled,
     )
 
@@ -391,7 +391,7 @@ def embed_with_cache(model: LoadedModel, ids: Sequence[str], tokenized: Tokenize
         first_row.setdefault(keys[row], row)
     to_embed = np.fromiter(first_row.values(), dtype=np.int64, count=len(first_row))
     stats = EmbedStats(sequences=0, tokens=0, seconds=0.0, tokens_per_s=0.0, sequences_per_s=0.0, truncated=0,
-                       device=str(model.device), dtype=_dtype_name(model.dtype), max_tokens=0, resumed_from_rows=0,
+                       device=str(model.device), dtype=model.precision, max_tokens=0, resumed_from_rows=0,
                        attention_backend=model.attention_backend)
     if len(to_embed):
         new_rows = out_path.with_name(f"{out_path.stem}.new{out_path.suffix}")
@@ -419,7 +419,7 @@ def model_identity(model: LoadedModel):
     """What decides a model's vectors, as the embedding store keys them (its token ids are the row keys)."""
     from vnp_core.embedding_cache import ModelIdentity
 
-    return ModelIdentity(kind=model.kind, weights_sha256=model.weights_sha256, dtype=_dtype_name(model.dtype),
+    return ModelIdentity(kind=model.kind, weights_sha256=model.weights_sha256, dtype=model.precision,
                          max_length=None, pooling=model.pooling, dim=model.embed_dim,
                          code_version=f"vnp {__version__}, {model.attention_backend}, "
                                       f"tokenizer {hashlib.sha256(model.tokenizer.digest.encode()).hexdigest()[:12]}")
@@ -439,7 +439,7 @@ def _shard_attrs(model: LoadedModel, tokenized: Tokenized, max_tokens: int) -> d
     """What a reader needs to know how the vectors were made (../shared/spec/outputs.md)."""
     return {
         "kind": model.kind, "model_name": model.name, "weights_sha256": model.weights_sha256,
-        "dtype": _dtype_name(model.dtype), "attention_backend": model.attention_backend, "pooling": model.pooling,
+        "dtype": model.precision, "attention_backend": model.attention_backend, "pooling": model.pooling,
         "vnp_version": __version__, "truncated": tokenized.truncated, "device": str(model.device),
         "max_tokens": max_tokens,
     }
@@ -467,14 +467,10 @@ def _complete_shard(out_path: Path, fingerprint: str) -> dict | None:
     return None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def input_fingerprint(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized) -> str:
     """What a shard's vectors depend on: token ids (so tokenizer settings count), ids, weights, dtype, back end."""
     digest = hashlib.sha256()
-    for part in (model.weights_sha256, _dtype_name(model.dtype), model.attention_backend, __version__):
+    for part in (model.weights_sha256, model.precision, model.attention_backend, __version__):
         digest.update(f"{part}\0".encode())
     digest.update("\0".join(ids).encode())
     digest.update(tokenized.lengths.tobytes())

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +56,19 @@ def select_validation_subset(lengths: np.ndarray, size: int, seed: int) -> np.nd
     return np.sort(np.concatenate(chosen))
 
 
+def select_validation_chunks(index: pl.DataFrame, size: int, seed: int) -> np.ndarray:
+    """Row positions (sorted) of whole chunks, about `size` rows: `select_validation_subset` over the
+    chunks, ranked by their longest protein. Whole chunks, because a chunk's VirNucPro call takes
+    the scores of all its frames, and the report compares the calls too."""
+    if size < 1:
+        raise ValueError(f"validation subset size must be positive, got {size}")
+    chunks = (index.with_row_index("row").group_by("record_id", "chunk_index", maintain_order=True)
+              .agg("row", pl.col("protein_length").max()))
+    frames_per_chunk = len(index) / max(1, len(chunks))
+    chosen = select_validation_subset(chunks["protein_length"].to_numpy(), max(1, round(size / frames_per_chunk)), seed)
+    return np.sort(chunks["row"].gather(chosen).explode().to_numpy().astype(np.int64))
+
+
 # What `reference_embeddings` imports: a spare device process can import them ahead.
 REFERENCE_MODULES = ("vnp_core.validate", "vnp_core.models", "esm")
 
@@ -94,6 +107,44 @@ def compare_embeddings(ids: Sequence[str], production: np.ndarray, reference: np
     })
 
 
+def is_fp8(precision: str) -> bool:
+    """Whether `LoadedModel.precision` (a shard's `dtype` attribute) names a model run in FP8."""
+    from vnp_core.models.fp8 import PRECISION_PREFIX
+
+    return precision.startswith(PRECISION_PREFIX)
+
+
+@dataclass
+class CallAgreement:
+    """The VirNucPro chunk calls from the production vectors against those from the fp32 reference vectors."""
+
+    chunks: int
+    agreeing: int
+    agreement: float  # agreeing / chunks (0 without chunks)
+    min_call_agreement: float
+    applies: bool  # part of pass/fail: a model ran in FP8
+    passed: bool  # agreement >= min_call_agreement (reported either way)
+    disagreeing_chunks: list[str]  # the first few
+
+
+def compare_calls(classifier, frame_ids: Sequence[str], production: Mapping[str, np.ndarray],
+                  reference: Mapping[str, np.ndarray], *, chunk_length: int, config: ValidationConfig,
+                  applies: bool) -> CallAgreement:
+    """Score `frame_ids` (whole chunks) from each set of vectors, given per model in the classifier's
+    feature order, and compare the chunk calls (`classify.chunk_calls`)."""
+    from vnp_core.classify import chunk_calls, predict
+
+    calls = [chunk_calls(predict(classifier, frame_ids, list(vectors.values()), chunk_length=chunk_length))
+             for vectors in (production, reference)]
+    joined = calls[0].join(calls[1], on="chunk_id", suffix="_fp32")
+    disagreeing = joined.filter(pl.col("is_virus") != pl.col("is_virus_fp32"))["chunk_id"]
+    agreement = 1 - len(disagreeing) / len(joined) if len(joined) else 0.0
+    return CallAgreement(chunks=len(joined), agreeing=len(joined) - len(disagreeing), agreement=agreement,
+                         min_call_agreement=config.min_call_agreement, applies=applies,
+                         passed=len(joined) > 0 and agreement >= config.min_call_agreement,
+                         disagreeing_chunks=disagreeing.head(WORST_IDS_SHOWN).to_list())
+
+
 @dataclass
 class ValidationReport:
     """One model's comparison. Cosine statistics cover the finite ones (None when there are none)."""
@@ -112,7 +163,10 @@ class ValidationReport:
     worst_ids: list[str]  # lowest cosine first (NaN/Inf first of all), only those below min_cosine_p99
 
     @classmethod
-    def from_comparison(cls, comparison: pl.DataFrame, config: ValidationConfig) -> ValidationReport:
+    def from_comparison(cls, comparison: pl.DataFrame, config: ValidationConfig, fp8: bool = False) -> ValidationReport:
+        """Held to FP8's thresholds when `fp8`, to the half-precision ones otherwise."""
+        if fp8:
+            config = replace(config, min_cosine_all=config.fp8_min_cosine_all, min_cosine_p99=config.fp8_min_cosine_p99)
         cosine = comparison["cosine"].to_numpy()
         max_abs_diff = comparison["max_abs_diff"].to_numpy()
         finite = cosine[np.isfinite(cosine)]
@@ -143,13 +197,19 @@ def _stat(finite_values: np.ndarray, statistic) -> float | None:
     return float(statistic(finite_values)) if len(finite_values) else None
 
 
-def build_report(per_model: dict[str, pl.DataFrame], config: ValidationConfig, context: dict) -> dict:
-    """The JSON-serialisable report: pass/fail, `context` as given (device, dtype, back end...), and per model."""
-    models = {name: ValidationReport.from_comparison(comparison, config) for name, comparison in per_model.items()}
+def build_report(per_model: dict[str, pl.DataFrame], config: ValidationConfig, context: dict,
+                 precision: Mapping[str, str] | None = None, calls: CallAgreement | None = None) -> dict:
+    """The JSON-serialisable report: pass/fail, `context` as given (device, dtype, back end...), per
+    model (each held to the thresholds of its `precision`), and the chunk calls' agreement if given."""
+    precision = precision or {}
+    models = {name: ValidationReport.from_comparison(comparison, config, is_fp8(precision.get(name, "")))
+              for name, comparison in per_model.items()}
+    passed = bool(models) and all(report.passed for report in models.values())
     return {
-        "passed": bool(models) and all(report.passed for report in models.values()),
+        "passed": passed and (calls is None or not calls.applies or calls.passed),
         "context": context,
         "models": {name: asdict(report) for name, report in models.items()},
+        **({"calls": asdict(calls)} if calls is not None else {}),
     }
 
 
@@ -164,12 +224,19 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {name} | {model['n_compared']} | {' | '.join(cosines)} | {_fmt(model['max_abs_diff'], '.3g')} "
                      f"| {model['nan_inf_count']} | {model['fraction_at_or_above_p99_threshold']:.2%} "
                      f"| {'pass' if model['passed'] else 'FAIL'} |")
-    thresholds = next(iter(report["models"].values()), None)
-    if thresholds is not None:
-        lines += ["", f"Thresholds: every cosine >= {thresholds['min_cosine_all']}, at least {P99_FRACTION:.0%} "
-                      f">= {thresholds['min_cosine_p99']}; no NaN/Inf."]
+    thresholds = {(model["min_cosine_all"], model["min_cosine_p99"]): name for name, model in report["models"].items()}
+    lines.append("")
+    for (min_all, min_p99), name in thresholds.items():
+        which = f" ({name})" if len(thresholds) > 1 else ""
+        lines.append(f"Thresholds{which}: every cosine >= {min_all}, at least {P99_FRACTION:.0%} >= {min_p99}; no NaN/Inf.")
+    if calls := report.get("calls"):
+        lines.append(f"VirNucPro calls: {calls['agreeing']} of {calls['chunks']} chunks ({calls['agreement']:.2%}) called "
+                     f"as from the fp32 vectors; " + (f"FP8 needs >= {calls['min_call_agreement']:.1%}: "
+                     f"{'pass' if calls['passed'] else 'FAIL'}." if calls["applies"] else "reported only (no model in FP8)."))
     lines += [f"- worst {name}: {', '.join(model['worst_ids'])}"
               for name, model in report["models"].items() if model["worst_ids"]]
+    if report.get("calls", {}).get("disagreeing_chunks"):
+        lines.append(f"- chunks called otherwise: {', '.join(report['calls']['disagreeing_chunks'])}")
     return "\n".join(lines) + "\n"
 
 

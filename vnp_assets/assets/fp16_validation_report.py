@@ -26,22 +26,27 @@ from vnp_core.models import MODELS
     deps=[AssetDep(f"{model}_embeddings", partition_mapping=by_sample) for model in MODELS],
     pool="gpu",  # the fp32 reference of a real ESM-2 needs a GPU as much as production does
     check_specs=[partitioned_check("cosine_thresholds", "fp16_validation_report", samples_partitions,
-                                   "Every model's embeddings agree with its fp32 reference within the thresholds.")],
+                                   "Every model's embeddings agree with its fp32 reference within the thresholds of its "
+                                   "precision; with FP8, the chunk calls agree too.")],
     automation_condition=FLOW_ON_AFTER_CHECKS,
     group_name="validation",
     kinds={"json", "parquet"},
 )
 def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorage, processing: SampleProcessing,
                            models: ModelSet, gpus: GpuPool) -> MaterializeResult:
-    """A length-stratified subset recomputed in fp32, unpacked; cosine similarity per sequence, histogram, pass/fail."""
+    """Whole chunks, length-stratified, recomputed in fp32, unpacked: cosine similarity per sequence,
+    the chunks' VirNucPro calls from both sets of vectors, histogram, pass/fail."""
+    from vnp_core.classify import load_classifier
     from vnp_core.index import read_index, read_index_provenance
     from vnp_core.store import read_attrs, read_rows
     from vnp_core.validate import (
         build_report,
+        compare_calls,
         compare_embeddings,
+        is_fp8,
         reference_embeddings,
         report_markdown,
-        select_validation_subset,
+        select_validation_chunks,
         write_report,
     )
 
@@ -51,12 +56,13 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
     start = time.perf_counter()
     index = read_index(layout.index)
     validation = processing.validation_config()
-    subset = index[select_validation_subset(index["protein_length"].to_numpy(), validation.sample_size, validation.seed)]
+    subset = index[select_validation_chunks(index, validation.sample_size, validation.seed)]
     frame_ids = subset["frame_id"].to_list()
     shards = {model: [layout.embeddings(model, shard) for shard in range(processing.num_shards)] for model in MODELS}
     production = {model: read_rows(paths, frame_ids) for model, paths in shards.items()}
     read_seconds = time.perf_counter() - start
-    paths = models.paths(read_index_provenance(layout.index).chunk_length)
+    chunk_length = read_index_provenance(layout.index).chunk_length
+    paths = models.paths(chunk_length)
     sequences = {name: subset[spec.index_column].to_list() for name, spec in MODELS.items()}
     reference, where = gpus.run_on_gpu(reference_embeddings, paths, sequences, models.embed_config(gpus.torch_device),
                                        gpus.torch_device, log=context.log)
@@ -66,7 +72,11 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
     made_with = {model: read_attrs(paths[0]) for model, paths in shards.items()}
     run_context = {"sample": sample, "reference_device": where,
                    **{f"{model}.{key}": made_with[model][key] for model in MODELS for key in ("dtype", "attention_backend")}}
-    report = build_report(per_model, validation, run_context)
+    precision = {model: made_with[model]["dtype"] for model in MODELS}
+    classifier = load_classifier(paths.classifier, trusted_pickle=paths.trust_classifier_pickle)
+    calls = compare_calls(classifier, frame_ids, production, reference, chunk_length=chunk_length, config=validation,
+                          applies=any(map(is_fp8, precision.values())))
+    report = build_report(per_model, validation, run_context, precision, calls)
     files = write_report(report, per_model, layout.report_dir)
     histogram = base64.b64encode(files["histogram"].read_bytes()).decode()
     cosines = {f"{model}_{statistic}": MetadataValue.float(value)
@@ -80,7 +90,9 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
             "histogram": MetadataValue.md(f"![cosine histogram](data:image/png;base64,{histogram})"),
             **cosines,
             "compared": len(subset),
+            "call_agreement": MetadataValue.float(calls.agreement),
             **{f"{name}_file": MetadataValue.path(path) for name, path in files.items()},
         },
-        check_results=[AssetCheckResult(check_name="cosine_thresholds", passed=report["passed"], metadata=cosines)],
+        check_results=[AssetCheckResult(check_name="cosine_thresholds", passed=report["passed"],
+                                        metadata={**cosines, "call_agreement": MetadataValue.float(calls.agreement)})],
     )

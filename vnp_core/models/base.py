@@ -89,3 +89,12 @@ class LoadedModel:
     attention_backend: str
     pooling: str  # the pooling rule, recorded in every output
     compiled: bool = False  # layers wrapped by torch.compile (`engine.compile_if_worth_it`)
+    fp8: bool = False  # linear layers in FP8 (`vnp_core.models.fp8`), activations in `dtype`
+
+    @property
+    def precision(self) -> str:
+        """What its vectors are computed in: recorded in every output and part of the store's model identity."""
+        from vnp_core.models.fp8 import PRECISION_PREFIX
+
+        dtype = str(self.dtype).removeprefix("torch.")
+        return PRECISION_PREFIX + dtype if self.fp8 else dtype

@@ -23,6 +23,7 @@ from vnp_core.models.checkpoint import (
     sha256_files,
 )
 from vnp_core.models.esm2 import LAYER_NORM_EPS, POOLING, TOKENS, ESM2Config, ESM2Tokenizer, PackedESM2
+from vnp_core.models.fp8 import check_fp8_device, use_fp8_linears
 
 # Heads by width for the released ESM-2 sizes: the one thing a state dict's shapes do not tell.
 RELEASED_HEADS = {320: 20, 480: 20, 640: 20, 1280: 20, 2560: 40, 5120: 40}
@@ -38,6 +39,9 @@ def load_esm2(path: Path, config: EmbedConfig) -> LoadedModel:
         device, dtype = torch.device(config.device), getattr(torch, config.dtype)
         backend = select_backend(config.attention_backend, device, dtype, needs_bias=False)
         module = PackedESM2.from_weights(cfg, weights, device, dtype, backend)
+    if config.fp8:
+        check_fp8_device(device)
+        use_fp8_linears(module.layers)  # quantised once, here; the embedding and final LayerNorm stay as they are
     return LoadedModel(
         kind="esm2",
         name=source.stem if source.is_file() else source.name,
@@ -50,6 +54,7 @@ def load_esm2(path: Path, config: EmbedConfig) -> LoadedModel:
         dtype=dtype,
         attention_backend=backend,
         pooling=POOLING,
+        fp8=config.fp8,
     )
 
 

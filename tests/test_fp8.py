@@ -1,0 +1,123 @@
+"""FP8 linear layers: the quantisation, the layer against its fp32 product, and ESM-2 loaded in FP8 mode.
+
+The CPU runs `torch._scaled_mm` with the same e4m3 arithmetic as an FP8 GPU, slowly; the GPU's
+throughput and fidelity at the 3B shape are in bench/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vnp_core.config import EmbedConfig
+from vnp_core.models.esm2_checkpoint import load_esm2
+from vnp_core.models.fp8 import E4M3, E4M3_MAX, Fp8Linear, quantize_rows, use_fp8_linears
+from vnp_core.models.reference import esm2_reference
+from vnp_core.packing import make_batch
+from vnp_core.tiny_models import write_tiny_esm2
+
+SEQUENCES = ["MKV", "LAGVSERTIDPKQNFYMHWC" * 3, "MSTNPKPQRKTKRNTNRRPQDVKFPGG" * 4, "W"]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_each_row_fills_e4m3_and_scales_back():
+    x = torch.randn(8, 32) * torch.logspace(-3, 3, 8)[:, None]  # rows six decades apart
+    x[3] = 0.0
+    x8, scale = quantize_rows(x)
+    assert x8.dtype == E4M3 and scale.shape == (8, 1) and scale.dtype == torch.float32
+    peaks = x8.float().abs().amax(dim=1)
+    assert torch.equal(peaks[torch.arange(8) != 3], torch.full((7,), E4M3_MAX))  # each row's largest value is 448
+    assert torch.equal(x8[3].float(), torch.zeros(32))  # a zero row stays zero, not NaN
+    relative = (x8.float() * scale - x).norm(dim=1) / x.norm(dim=1).clamp(min=1e-30)
+    assert relative[torch.arange(8) != 3].max() < 0.05  # e4m3 keeps 3 mantissa bits
+
+
+def test_fp8_linear_is_the_linear_within_fp8_error():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48).to(torch.float16)
+    x = torch.randn(37, 64, dtype=torch.float16)  # a row count no tile divides
+    out = Fp8Linear(linear)(x)
+    assert out.dtype == torch.float16 and out.shape == (37, 48)
+    expected = (x.float() @ linear.weight.float().T + linear.bias.float()).detach().numpy()
+    assert cosine(out.float().numpy(), expected).min() > 0.998
+
+
+def test_use_fp8_linears_replaces_every_linear_and_keeps_the_rest():
+    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.Sequential(nn.Linear(32, 16, bias=False)))
+    use_fp8_linears(model)
+    assert [type(m).__name__ for m in model.modules()] == ["Sequential", "Fp8Linear", "LayerNorm", "Sequential", "Fp8Linear"]
+    assert model[2][0].bias is None and model[0].weight.dtype == E4M3
+    assert model(torch.randn(5, 32)).shape == (5, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_esm2(tmp_path_factory.mktemp("esm") / "esm2_t2_tiny.pt")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_esm2_in_fp8_passes_fp8_thresholds_against_fair_esm_fp32(tiny, dtype):
+    loaded = load_esm2(tiny, EmbedConfig(dtype=dtype, fp8=True))
+    assert loaded.fp8 and loaded.precision == f"fp8_e4m3+{dtype}"
+    linears = [m for m in loaded.module.modules() if isinstance(m, (nn.Linear, Fp8Linear))]
+    assert linears and all(isinstance(m, Fp8Linear) for m in linears)  # every layer's q, k, v, out, fc1, fc2
+    tokenizer = loaded.tokenizer
+    batch = make_batch([tokenizer.encode(s, str(i))[0] for i, s in enumerate(SEQUENCES)], range(len(SEQUENCES)))
+    pooled = loaded.module.embed(batch).numpy()
+    similarity = cosine(pooled, esm2_reference(tiny, SEQUENCES))
+    assert similarity.min() >= 0.99  # FP8's threshold for every sequence (`ValidationConfig`)
+    # and it is FP8, not the half-precision model: its own error is visibly larger.
+    half = load_esm2(tiny, EmbedConfig(dtype=dtype)).module.embed(batch).numpy()
+    assert np.abs(pooled - half).max() > 1e-4
+
+
+def test_fp8_needs_half_precision_activations():
+    with pytest.raises(ValueError, match="fp8 .* set dtype to float16 or bfloat16"):
+        EmbedConfig(fp8=True)
+    assert EmbedConfig(dtype="float16", fp8=True).fp8
+
+
+def test_vnp_run_with_fp8_embeds_esm2_in_fp8_and_its_validation_checks_the_calls(tmp_path):
+    """The placeholder classifier's scores sit within 0.03 of a tie, so FP8's error turns some of the
+    sample's chunk calls over: the check that FP8 must pass (and fp16 need not) stops the sample."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from vnp_assets.cli import app
+    from vnp_core.store import read_attrs
+
+    fasta = tmp_path / "flu.fasta"
+    shutil.copyfile(Path(__file__).resolve().parents[2] / "shared/data/real/influenza_a_california_07_2009.fasta", fasta)
+    home = tmp_path / "home"
+    refused = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--fp8", "--dtype", "float32"])
+    assert refused.exit_code == 1 and "--fp8 keeps activations in float16 or bfloat16" in refused.output
+    assert not home.exists()
+
+    run = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "1", "--fp8"])
+    sample = home / "storage" / "samples" / "flu"
+    report_file = sample / "fp16_validation" / "validation_report.json"
+    assert run.exit_code == 1 and run.output.strip().splitlines()[-1] == (
+        "error: fp16_validation_report: the embeddings failed their comparison with the fp32 reference, so no calls "
+        f"were made: see {report_file}")
+    assert read_attrs(sample / "embeddings" / "esm2" / "shard-0.h5")["dtype"] == "fp8_e4m3+float16"
+    assert read_attrs(sample / "embeddings" / "dnabert_s" / "shard-0.h5")["dtype"] == "float16"
+    report = json.loads(report_file.read_text())
+    esm2, calls = report["models"]["esm2"], report["calls"]
+    assert esm2["passed"] and esm2["min_cosine_all"] == 0.99 and report["models"]["dnabert_s"]["min_cosine_all"] == 0.995
+    assert calls["applies"] and not calls["passed"] and calls["agreement"] < 0.995 and not report["passed"]
+    assert not (sample / "predictions").exists()
+
+    # The same sample in fp16: the calls are compared and reported, and all agree.
+    again = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "1", "--dtype", "float16"])
+    assert again.exit_code == 0, again.output
+    report = json.loads(report_file.read_text())
+    assert report["passed"] and not report["calls"]["applies"] and report["calls"]["agreement"] == 1.0
+    assert read_attrs(sample / "embeddings" / "esm2" / "shard-0.h5")["dtype"] == "float16"  # FP8 is part of the version

@@ -1,0 +1,59 @@
+"""FP8 (e4m3) matrix products with row-wise scales, for ESM-2's linear layers.
+
+Each weight row (one output feature) is scaled into e4m3's range once, at load; each activation row
+(one token) at every call. The quantisation of an activation is a row maximum and an elementwise
+divide, so when the layer is compiled it fuses into the op that produced the activation (LayerNorm,
+GELU) instead of being a pass of its own. `torch._scaled_mm` accumulates in fp32 and returns the
+model's dtype with the bias added. Hopper (sm_90) and Ada (sm_89) GPUs have FP8 tensor cores; the
+CPU runs the same arithmetic slowly, which is what the tests use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+MIN_CUDA_CAPABILITY = (8, 9)
+PRECISION_PREFIX = "fp8_e4m3+"  # `LoadedModel.precision` of a model whose linear layers run here
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) in e4m3 and its (M, 1) fp32 scales: row i is `x8[i] * scale[i]`."""
+    x = x.float()
+    # A row of zeros keeps a tiny positive scale, so it quantises to zeros and not to NaN.
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / E4M3_MAX
+    return (x / scale).to(E4M3), scale
+
+
+class Fp8Linear(nn.Module):
+    """`nn.Linear` with its weight in e4m3 (per-output-feature scales) and its input quantised per row."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight, scale = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight", weight)  # (out, in) row-major: `.T` is the column-major operand cuBLAS wants
+        self.register_buffer("weight_scale", scale.T.contiguous())  # (1, out)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x8, x_scale = quantize_rows(x)
+        return torch._scaled_mm(x8, self.weight.T, scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias,
+                                out_dtype=x.dtype)
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Refuse a GPU without FP8 tensor cores, in one sentence that says what to do."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CUDA_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"fp8 needs a GPU with FP8 tensor cores (Ada or Hopper, compute capability 8.9 or later); "
+                         f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: turn fp8 off")
+
+
+def use_fp8_linears(module: nn.Module) -> None:
+    """Replace every `nn.Linear` below `module` by its `Fp8Linear`; the half-precision weights are freed."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Fp8Linear(child))
