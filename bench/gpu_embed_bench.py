@@ -201,7 +201,7 @@ def vnp_embed(module, token_ids: list[np.ndarray], max_tokens: int) -> np.ndarra
 
 
 def fuse_qkv(model):
-    """Variant for measurement: one (3d x d) GEMM for q, k and v instead of three."""
+    """Variant for measurement: one (3d x d) linear layer for q, k and v instead of three."""
     import types
 
     from vnp_core.attention import attend
@@ -209,12 +209,14 @@ def fuse_qkv(model):
 
     for layer in model.layers:
         attn = layer.self_attn
-        attn.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        attn.qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        width = attn.q_proj.in_features
+        attn.qkv = torch.nn.Linear(width, 3 * width, device=attn.q_proj.weight.device, dtype=attn.q_proj.weight.dtype)
+        attn.qkv.weight.data = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        attn.qkv.bias.data = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        del attn.q_proj, attn.k_proj, attn.v_proj
 
         def forward(self, x, plan, cos, sin):
-            q, k, v = torch.nn.functional.linear(x, self.qkv_weight, self.qkv_bias).view(
-                x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+            q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
             out = attend(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, plan, scale=self.head_dim**-0.5)
             return self.out_proj(out.flatten(1))
 
@@ -323,6 +325,57 @@ def engine_end_to_end(module, cfg, sequences: list[str], workdir: Path, fp8: boo
         stats = embed_sequences(loaded, ids, sequences, out, EmbedConfig(device=DEVICE, dtype="float16", max_tokens=65536, num_workers=4))
     record(f"esm2_throughput_vnp_engine_to_hdf5_{'fp8_' if fp8 else ''}compiled_64k_virnucpro500", {
         "tokens_per_s": round(stats.tokens_per_s), "sequences_per_s": round(stats.sequences_per_s, 1), "seconds": round(stats.seconds, 3)})
+
+
+def esm2_fp8_section(args) -> None:
+    """FP8 variants of ESM-2 3B, compiled as the engine runs them, against fp16 on the same weights:
+    throughput, cosine against the packed fp32 model, and where one set's GPU time goes."""
+    from vnp_core.models.esm2 import ESM2Config, ESM2Tokenizer, PackedESM2
+    from vnp_core.models.fp8 import Fp8Linear, use_fp8_linears
+
+    cfg = ESM2Config(*SHAPES["esm2"])
+    torch.manual_seed(0)
+    fp32 = PackedESM2.from_config(cfg, DEVICE, torch.float32, ESM2_BACKEND)
+    with torch.no_grad():  # N(0, 0.02) as the checkpoints the benches write: well conditioned in fp32
+        for name, tensor in fp32.named_parameters():
+            if name.endswith(".weight") and tensor.ndim == 2:
+                tensor.normal_(0, 0.02)
+    weights = fp32.state_dict()
+
+    def variant(fp8: bool, fused_qkv: bool = False, fast_accum: bool = False):
+        model = PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND)
+        if fused_qkv:
+            fuse_qkv(model)
+        if fp8:
+            use_fp8_linears(model.layers)
+            for module in model.modules():
+                if isinstance(module, Fp8Linear):
+                    module.use_fast_accum = fast_accum
+        model.compile_layers()
+        return model
+
+    variants = {"fp16": dict(fp8=False), "fp8": dict(fp8=True), "fp8_fast_accum": dict(fp8=True, fast_accum=True),
+                "fp8_fused_qkv": dict(fp8=True, fused_qkv=True),
+                "fp8_fused_qkv_fast_accum": dict(fp8=True, fused_qkv=True, fast_accum=True)}
+    tokenizer = ESM2Tokenizer(1022)
+    sets = {name: [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
+            for name, seqs in protein_sets(random.Random(0), args.scale).items() if name != "proteome"}
+    reference = {name: vnp_embed(fp32, tokens[: args.accuracy_n], 16384) for name, tokens in sets.items()}
+    for label, options in variants.items():
+        try:
+            model = variant(**options)
+            for name, tokens in sets.items():
+                record(f"esm2_fp8_accuracy_{label}_vs_fp32_{name}",
+                       cosine_stats(vnp_embed(model, tokens[: args.accuracy_n], 16384), reference[name]))
+                n_tokens = sum(len(t) for t in tokens)
+                seconds = timed(lambda: vnp_embed(model, tokens, 65536), warmup=1, reps=args.reps)
+                record(f"esm2_fp8_throughput_{label}_{name}", {"tokens_per_s": round(n_tokens / seconds), "seconds": round(seconds, 3)})
+            if label in ("fp16", "fp8") and args.profile:
+                record(f"esm2_fp8_profile_{label}", kernel_profile(model, sets["virnucpro500"], 65536, top=20))
+            del model
+            torch.cuda.empty_cache()
+        except Exception as error:  # a failing variant is recorded, not fatal
+            record(f"esm2_fp8_{label}", f"failed: {error!r}")
 
 
 def esm2_compile_section(args) -> None:
@@ -493,6 +546,8 @@ def main() -> None:
             esm2_section(args)
         if "esm2_compile" in sections:
             esm2_compile_section(args)
+        if "esm2_fp8" in sections:
+            esm2_fp8_section(args)
         if "dnabert" in sections:
             dnabert_section(args, args.workdir)
     finally:

@@ -30,6 +30,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Fp8Linear(nn.Module):
     """`nn.Linear` with its weight in e4m3 (per-output-feature scales) and its input quantised per row."""
 
+    # cuBLAS's fast accumulation keeps the sums in the tensor cores' own precision instead of
+    # promoting them to fp32 as it goes: faster, less exact over long rows. Off (bench/BENCHMARKS.md).
+    use_fast_accum = False
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight, scale = quantize_rows(linear.weight.detach())
@@ -40,7 +44,7 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x8, x_scale = quantize_rows(x)
         return torch._scaled_mm(x8, self.weight.T, scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias,
-                                out_dtype=x.dtype)
+                                out_dtype=x.dtype, use_fast_accum=self.use_fast_accum)
 
 
 def check_fp8_device(device: torch.device) -> None:
