@@ -20,8 +20,9 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 
 
 # Issue 18's budget for the product (vnp_core and vnp_assets): lines that hold code, that is, neither
-# blank nor only a comment nor inside a docstring.
-CODE_LINE_BUDGET = 5500
+# blank nor only a comment nor inside a docstring. 5,500 then; +100 for issue 16's FP8 mode (its
+# layers, precision in the store's identity, and the validation's call agreement: ~130 lines).
+CODE_LINE_BUDGET = 5600
 
 
 def code_lines(source: str) -> int:
