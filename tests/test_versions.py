@@ -55,6 +55,21 @@ def test_replacing_one_model_changes_the_versions_of_its_assets_and_those_below(
                                                                *BELOW_ESM2}
 
 
+def test_fp8_changes_esm2_and_below_and_ties_the_report_to_the_classifier(make_resources, tmp_path: Path) -> None:
+    half, fp8 = versions(make_resources(dtype="float16")), versions(make_resources(dtype="float16", fp8=True))
+    assert {key for key in half if half[key] != fp8[key]} == BELOW_ESM2
+    # FP8's report counts the calls that agree with fp32's: another classifier makes it stale. In fp16 it does not.
+    from vnp_core.tiny_models import write_tiny_classifier
+
+    other = write_tiny_classifier(tmp_path / "other", in_features=128, chunk_length=500, seed=7)["state_dict"]
+    changed = {key for key, version in versions(make_resources(dtype="float16", fp8=True, classifier=str(other))).items()
+               if version != fp8[key]}
+    assert changed == {"fp16_validation_report", "virnucpro_predictions"}
+    changed = {key for key, version in versions(make_resources(dtype="float16", classifier=str(other))).items()
+               if version != half[key]}
+    assert changed == {"virnucpro_predictions"}
+
+
 def test_automation_refreshes_only_the_replaced_models_assets_in_graph_order(
         make_resources, instance: DagsterInstance, tiny_models_dir: Path, tmp_path: Path) -> None:
     esm2 = tmp_path / "esm2_t6.pt"

@@ -36,8 +36,11 @@ def asset_code_versions(storage: SampleStorage, processing: SampleProcessing, mo
                                                  f"dtype={models.dtype}", f"max_residues={embed.max_protein_length}",
                                                  *(["fp8"] if name == "esm2" and models.fp8 else []))
     versions["merged_embeddings"] = _digest(*(versions[f"{name}_embeddings"] for name in MODELS))
+    # FP8's check counts the calls that agree with fp32's, so there a new classifier means a new report;
+    # in fp16 the calls are only reported, and a classifier rerun needs no GPU.
     versions["fp16_validation_report"] = _digest(versions["merged_embeddings"],
-                                                 f"subset={processing.validation_sample_size}")
+                                                 f"subset={processing.validation_sample_size} whole chunks",
+                                                 *([checksum(paths.classifier)] if models.fp8 else []))
     versions["virnucpro_predictions"] = _digest(versions["fp16_validation_report"], checksum(paths.classifier))
     checksum.save()
     return versions
