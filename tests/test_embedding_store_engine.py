@@ -3,6 +3,9 @@ comes back from the store is the vector computed earlier, bit for bit."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +13,9 @@ import pytest
 
 from vnp_core.config import EmbedConfig
 from vnp_core.embedding_cache import EmbeddingCache
-from vnp_core.engine import embed_tokenized, embed_with_cache, tokenize
-from vnp_core.models import model_spec
+from vnp_core.engine import ShardJob, embed_shards, embed_tokenized, embed_with_cache, model_identity, tokenize
+from vnp_core.models import MODELS, model_spec
+from vnp_core.models.checkpoint import sha256_files
 from vnp_core.store import read_attrs, read_embeddings
 from vnp_core.tiny_models import write_tiny_models
 
@@ -19,8 +23,12 @@ LETTERS = "ACDEFGHIKLMNPQRSTVWY"
 
 
 @pytest.fixture(scope="module")
-def esm2(tmp_path_factory: pytest.TempPathFactory):
-    paths = write_tiny_models(tmp_path_factory.mktemp("tiny"))
+def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def esm2(paths):
     return model_spec("esm2").load(paths["esm2"], EmbedConfig())
 
 
@@ -29,11 +37,11 @@ def proteins(n: int, seed: int) -> list[str]:
     return ["".join(rng.choice(list(LETTERS), size=int(rng.integers(20, 90)))) for _ in range(n)]
 
 
-def embed(model, ids, sequences, out: Path, cache: Path | None):
+def embed(model, ids, sequences, out: Path, cache: Path | None, attrs: dict | None = None):
     tokenized = tokenize(model.tokenizer, ids, sequences, num_workers=0)
     if cache is None:
-        return embed_tokenized(model, ids, tokenized, out, EmbedConfig(max_tokens=512))
-    return embed_with_cache(model, ids, tokenized, out, EmbedConfig(max_tokens=512), cache)
+        return embed_tokenized(model, ids, tokenized, out, EmbedConfig(max_tokens=512), attrs=attrs)
+    return embed_with_cache(model, ids, tokenized, out, EmbedConfig(max_tokens=512), cache, attrs=attrs)
 
 
 def test_duplicates_are_embedded_once_and_a_second_sample_embeds_nothing(esm2, tmp_path: Path) -> None:
@@ -82,3 +90,97 @@ def test_a_complete_shard_is_not_recomputed_and_the_store_is_not_consulted(esm2,
     embed(esm2, ids, sequences, tmp_path / "a.h5", tmp_path / "store")
     again = embed(esm2, ids, sequences, tmp_path / "a.h5", tmp_path / "store")
     assert again.resumed_from_rows == 12 and "already embedded" in again.summary()
+
+
+# ----------------------------------------------------------------------------------------------
+# A shard whose rows the store holds loads no model (`embed_shards`)
+
+
+@dataclass(frozen=True)
+class Rows:
+    ids: tuple[str, ...]
+    sequences: tuple[str, ...]
+
+    def __call__(self) -> tuple[list[str], list[str]]:
+        return list(self.ids), list(self.sequences)
+
+
+def esm2_job(paths, ids, sequences, out: Path, cache: Path | None) -> ShardJob:
+    return ShardJob("esm2", paths["esm2"], Rows(tuple(ids), tuple(sequences)), out, EmbedConfig(max_tokens=512),
+                    {"shard": 3}, cache_dir=cache)
+
+
+def counting_loads(monkeypatch, name: str) -> list[Path]:
+    """The paths `name`'s spec loads from, from now on (its `load` wrapped)."""
+    spec, loads = MODELS[name], []
+
+    def load(path, config):
+        loads.append(path)
+        return spec.load(path, config)
+
+    monkeypatch.setitem(MODELS, name, replace(spec, load=load))
+    return loads
+
+
+def test_a_shard_whose_every_row_is_stored_is_written_as_before_without_loading_the_model(
+        paths, esm2, tmp_path: Path, monkeypatch) -> None:
+    ids, sequences = [f"r{i}" for i in range(30)], proteins(25, seed=6) + proteins(5, seed=6)  # 5 duplicates
+    cache = tmp_path / "store"
+    [first] = embed_shards([esm2_job(paths, ids, sequences, tmp_path / "first.h5", cache)])
+    assert (first.sequences, first.rows_from_cache) == (30, 5)
+    # What the loaded model writes for a shard whose every row is stored.
+    embed(esm2, ids, sequences, tmp_path / "loaded.h5", cache, attrs={"shard": 3})
+
+    loads = counting_loads(monkeypatch, "esm2")
+    [stats] = embed_shards([esm2_job(paths, ids, sequences, tmp_path / "described.h5", cache)])
+    assert loads == []
+    assert (stats.sequences, stats.rows_from_cache, stats.tokens) == (30, 30, 0)
+    assert stats.summary() == "all 30 sequences came from the embedding store: nothing to embed"
+    written, loaded = read_embeddings(tmp_path / "described.h5"), read_embeddings(tmp_path / "loaded.h5")
+    assert written.ids == loaded.ids == ids
+    embedded = read_embeddings(tmp_path / "first.h5").embeddings
+    assert written.embeddings.tobytes() == loaded.embeddings.tobytes() == embedded.tobytes()  # bit for bit
+    assert {"kind", "model_name", "weights_sha256", "dtype", "attention_backend", "pooling", "vnp_version", "truncated",
+            "device", "max_tokens", "fingerprint", "rows_from_cache", "cache_identity", "shard"} == set(written.attrs)
+    assert written.attrs == loaded.attrs  # max_tokens included: 0, no pack was planned
+    with EmbeddingCache.open(cache) as store:
+        [counts] = store.stats()
+    assert (counts.entries, counts.hits, counts.misses) == (25, 60, 25)  # hits: rows found in the store
+
+
+def test_a_shard_with_one_row_missing_loads_the_model_and_embeds_that_row_only(paths, tmp_path: Path, monkeypatch) -> None:
+    ids, sequences = [f"r{i}" for i in range(20)], proteins(20, seed=7)
+    cache = tmp_path / "store"
+    embed_shards([esm2_job(paths, ids[1:], sequences[1:], tmp_path / "known.h5", cache)])
+
+    loads = counting_loads(monkeypatch, "esm2")
+    [stats] = embed_shards([esm2_job(paths, ids, sequences, tmp_path / "shard.h5", cache)])
+    assert loads == [paths["esm2"]]
+    assert (stats.sequences, stats.rows_from_cache, stats.tokens) == (20, 19, len(sequences[0]) + 2)
+    written = read_embeddings(tmp_path / "shard.h5")
+    assert written.ids == ids and written.attrs["rows_from_cache"] == 19
+    np.testing.assert_array_equal(written.embeddings[1:], read_embeddings(tmp_path / "known.h5").embeddings)
+    embed_shards([esm2_job(paths, ids[:1], sequences[:1], tmp_path / "alone.h5", None)])
+    np.testing.assert_array_equal(written.embeddings[:1], read_embeddings(tmp_path / "alone.h5").embeddings)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("esm2", EmbedConfig()), ("esm2", EmbedConfig(dtype="float16", fp8=True)),
+    ("dnabert_s", EmbedConfig()), ("dnabert_s", EmbedConfig(dtype="bfloat16", attention_backend="sdpa_padded")),
+], ids=["esm2", "esm2-fp8", "dnabert_s", "dnabert_s-bfloat16"])
+def test_a_models_description_is_what_loading_it_gives(paths, name: str, config: EmbedConfig) -> None:
+    spec = model_spec(name)
+    description, loaded = spec.describe(paths[name], config), spec.load(paths[name], config)
+    assert description == loaded.description and description.precision == loaded.precision
+    assert model_identity(description, spec.tokenizer(paths[name], config)) == model_identity(loaded, loaded.tokenizer)
+
+
+def test_a_remembered_checksum_is_made_again_once_the_file_changes(tmp_path: Path) -> None:
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"first")
+    assert sha256_files([weights]) == sha256_files([weights]) == hashlib.sha256(b"first").hexdigest()
+    weights.write_bytes(b"second")  # in place: another size
+    assert sha256_files([weights]) == hashlib.sha256(b"second").hexdigest()
+    (tmp_path / "new.bin").write_bytes(b"thirds")
+    os.replace(tmp_path / "new.bin", weights)  # replaced: another inode, the same size
+    assert sha256_files([weights]) == hashlib.sha256(b"thirds").hexdigest()

@@ -15,11 +15,12 @@ import torch
 from esm.model.esm2 import ESM2
 
 from vnp_core.config import EmbedConfig
+from vnp_core.models import esm2_checkpoint
 from vnp_core.models.checkpoint import CheckpointError
 from vnp_core.models.esm2 import (
     CLS, EOS, MASK, PAD, POOLING, RESIDUES, TOKENS, UNK, ESM2Config, ESM2Tokenizer, PackedESM2,
 )
-from vnp_core.models.esm2_checkpoint import load_esm2
+from vnp_core.models.esm2_checkpoint import describe_esm2, load_esm2
 from vnp_core.models.reference import esm2_reference
 from vnp_core.tiny_models import write_tiny_esm2
 from vnp_core.packing import make_batch
@@ -359,6 +360,13 @@ def test_hugging_face_directory_matches_hf_forward(tmp_path, head, shard_size):
                               for ids in token_ids])
     ours = load_esm2(tmp_path, FP32).module.embed(make_batch(token_ids, range(len(token_ids)))).numpy()
     assert cosine(ours, reference).min() >= 0.99999
+
+
+def test_a_hugging_face_directory_is_described_from_its_config_without_reading_its_tensors(tmp_path, monkeypatch):
+    _hf_esm(head=False).save_pretrained(tmp_path, max_shard_size="20KB")
+    loaded = load_esm2(tmp_path, FP32)
+    monkeypatch.setattr(esm2_checkpoint, "read_tensors", None)  # any call fails
+    assert describe_esm2(tmp_path, FP32) == loaded.description
 
 
 def test_hugging_face_config_of_another_architecture_is_an_error(tmp_path):

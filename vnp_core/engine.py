@@ -7,7 +7,8 @@ count out checked -> atomic rename to the shard.
 
 A device process runs a list of `ShardJob`s (both models over one shard) with `embed_shards`: while
 one job computes, the next job's rows are read, tokenised (or their stored token ids read) and its
-model loaded on a thread, so the device waits only for the first job's.
+model loaded on a thread, so the device waits only for the first job's. A job whose every row the
+embedding store holds loads no model.
 
 A killed run resumes from its last durable checkpoint. Packs are planned greedily in input order,
 so planning again from a checkpoint (always a pack boundary) with the same budget reproduces the
@@ -21,6 +22,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -30,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -37,9 +40,12 @@ import torch
 from vnp_core import __version__
 from vnp_core.config import EmbedConfig
 from vnp_core.fasta import FastaError, read_fasta
-from vnp_core.models import LoadedModel, SequenceTokenizer, Tokenized, model_spec
+from vnp_core.models import LoadedModel, ModelDescription, SequenceTokenizer, Tokenized, model_spec
 from vnp_core.packing import PackedBatch, plan_packs, split_batch
 from vnp_core.store import ShardCheckpoint, describe_ids, read_attrs, read_embeddings, write_embeddings
+
+if TYPE_CHECKING:
+    from vnp_core.embedding_cache import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,9 @@ FREE_MEMORY_SHARE = 0.5
 # DNABERT-S still gains up to 256k tokens a pack on an H200 (+17-30% over 64k); ESM-2 3B is flat past
 # 64k (bench/results/). Bigger packs would only make checkpoints rarer.
 MAX_AUTO_TOKENS = 1 << 18
+# LMDB allows one open environment per file and process: the loading thread's lookups and the device
+# loop's writes to the embedding store take turns.
+_STORE_TURN = threading.Lock()
 
 
 class NonFiniteEmbeddingError(RuntimeError):
@@ -147,12 +156,22 @@ class ShardJob:
     cache_dir: Path | None = None
 
 
+class StoredRows(NamedTuple):
+    """What the embedding store holds of a shard's rows (`look_up`)."""
+
+    identity: ModelIdentity
+    keys: list[bytes]  # each row's store key
+    found: np.ndarray  # (N,) bool
+    vectors: np.ndarray  # (N, dim) float32: the stored vectors where found, zeros elsewhere
+
+
 @dataclass
 class _PreparedJob:
-    model: LoadedModel
+    model: ModelDescription  # a `LoadedModel`, unless the embedding store holds every row
     ids: list[str]
     tokenized: Tokenized
     load_seconds: float
+    stored: StoredRows | None = None  # looked up when the job has an embedding store
 
 
 def embed_shards(jobs: Sequence[ShardJob],
@@ -179,14 +198,15 @@ def embed_shards(jobs: Sequence[ShardJob],
                 waited = time.perf_counter() - waiting
                 # Wrapped here, never on the loading thread: `layer.compile` imports the compiler, which
                 # the main thread may be importing too (a partially initialised torch._inductor).
-                ready.model = compile_if_worth_it(ready.model, job.config, len(ready.tokenized.tokens))
+                if isinstance(ready.model, LoadedModel):
+                    ready.model = compile_if_worth_it(ready.model, job.config, len(ready.tokenized.tokens))
                 report = None if progress is None else partial(progress, job.model)
                 if job.cache_dir is None:
                     stats = embed_tokenized(ready.model, ready.ids, ready.tokenized, job.out, job.config,
                                             attrs=job.attrs, progress=report)
                 else:
                     stats = embed_with_cache(ready.model, ready.ids, ready.tokenized, job.out, job.config,
-                                             job.cache_dir, attrs=job.attrs, progress=report)
+                                             job.cache_dir, attrs=job.attrs, progress=report, stored=ready.stored)
                 outcomes.append(replace(stats, load_seconds=ready.load_seconds, waited_seconds=waited))
                 log.info("%s: %s written after %.1f s on the device", job.model, job.out.name, stats.seconds)
             except Exception as error:  # noqa: BLE001 - one failed job must not lose the others
@@ -215,16 +235,18 @@ def _import_compiler() -> None:
 
 
 def load_job(job: ShardJob) -> _PreparedJob:
-    """A job's rows, its model on the device and its tokens.
+    """A job's rows, its tokens and its model on the device, unless the embedding store holds every row.
 
     The weights load on a thread while the rows are read and tokenised: the first job's load is
     time the device waits, and both halves take seconds (DNABERT-S's BPE over a shard, the 3B
-    ESM-2's 6 GB).
+    ESM-2's 6 GB). With an embedding store, that thread only describes the model (the weights'
+    checksum, no tensor read); the store is looked up once the tokens are there, and the weights load
+    after it, only when it lacks a row.
     """
     start = time.perf_counter()
-    spec = model_spec(job.model)
+    spec, path = model_spec(job.model), Path(job.model_path)
     with ThreadPoolExecutor(1, thread_name_prefix="vnp-weights") as weights:
-        loading = weights.submit(spec.load, Path(job.model_path), job.config)
+        loading = weights.submit(spec.load if job.cache_dir is None else spec.describe, path, job.config)
         ids, sequences = job.rows()
         _check_ids(ids, sequences, job.out)
         tokenizer = spec.tokenizer(job.model_path, job.config)
@@ -236,10 +258,14 @@ def load_job(job: ShardJob) -> _PreparedJob:
             tokenized = tokenize(tokenizer, ids, sequences, job.config.num_workers)
         tokens_seconds = time.perf_counter() - start
         model = loading.result()
+    in_store = None if job.cache_dir is None else look_up(model, tokenizer, tokenized, job.cache_dir)
+    if in_store is not None and not in_store.found.all():
+        model = spec.load(path, job.config)
     load_seconds = time.perf_counter() - start
-    log.info("%s: %s rows and their tokens (%s) in %.1f s, model and rows ready in %.1f s", job.model, f"{len(ids):,}",
-             "stored ones" if stored else "tokenised here", tokens_seconds, load_seconds)
-    return _PreparedJob(model, ids, tokenized, load_seconds)
+    what = "model and rows" if isinstance(model, LoadedModel) else "rows (all in the embedding store: no model loaded)"
+    log.info("%s: %s rows and their tokens (%s) in %.1f s, %s ready in %.1f s", job.model, f"{len(ids):,}",
+             "stored ones" if stored else "tokenised here", tokens_seconds, what, load_seconds)
+    return _PreparedJob(model, ids, tokenized, load_seconds, in_store)
 
 
 def use_compile_cache(directory: Path | None) -> None:
@@ -366,25 +392,24 @@ def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized
     )
 
 
-def embed_with_cache(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized, out_path: Path,
+def embed_with_cache(model: ModelDescription, ids: Sequence[str], tokenized: Tokenized, out_path: Path,
                      config: EmbedConfig, cache_dir: Path, *, attrs: dict | None = None,
-                     progress: Callable[[Progress], None] | None = None) -> EmbedStats:
+                     progress: Callable[[Progress], None] | None = None, stored: StoredRows | None = None) -> EmbedStats:
     """`embed_tokenized`, embedding only the sequences the store at `cache_dir` lacks, each distinct one once.
 
     The rows to embed go through `embed_tokenized` into a shard of their own beside `out_path`, with
     its checkpoints. The store learns their vectors only once that shard is complete, so a killed
     run's rerun finds the same rows missing, plans the same packs and resumes bit for bit.
+    `stored` is what `look_up` found of the rows (None: looked up here); `model` may be only a
+    description when the store holds every row, as nothing is then embedded.
     """
-    from vnp_core.embedding_cache import EmbeddingCache, sequence_keys
+    from vnp_core.embedding_cache import EmbeddingCache
 
     start, out_path = time.perf_counter(), Path(out_path)
     fingerprint = input_fingerprint(model, ids, tokenized)
     if (done := _complete_shard(out_path, fingerprint)) is not None:
         return _already_complete(done, len(ids), start, progress)
-    identity = model_identity(model)
-    keys = sequence_keys(tokenized.tokens, tokenized.offsets)
-    with EmbeddingCache.open(cache_dir) as cache:
-        found, vectors = cache.lookup(identity, keys)
+    identity, keys, found, vectors = stored or look_up(model, model.tokenizer, tokenized, cache_dir)
     missing = np.flatnonzero(~found)
     first_row = {}  # each missing sequence's first row: the one embedded
     for row in missing.tolist():
@@ -400,7 +425,7 @@ def embed_with_cache(model: LoadedModel, ids: Sequence[str], tokenized: Tokenize
         new = read_embeddings(new_rows).embeddings
         position = {keys[row]: i for i, row in enumerate(to_embed.tolist())}
         vectors[missing] = new[[position[keys[row]] for row in missing.tolist()]]
-    with EmbeddingCache.open(cache_dir) as cache:
+    with _STORE_TURN, EmbeddingCache.open(cache_dir) as cache:
         if len(to_embed):
             cache.put(identity, [keys[row] for row in to_embed], new)
         cache.record_use(identity, hits=int(found.sum()), misses=len(to_embed))
@@ -415,14 +440,23 @@ def embed_with_cache(model: LoadedModel, ids: Sequence[str], tokenized: Tokenize
                    sequences_per_s=embedded / seconds, rows_from_cache=len(ids) - len(to_embed))
 
 
-def model_identity(model: LoadedModel):
+def look_up(model: ModelDescription, tokenizer: SequenceTokenizer, tokenized: Tokenized, cache_dir: Path) -> StoredRows:
+    """The rows of `tokenized` as the embedding store at `cache_dir` holds them for `model`."""
+    from vnp_core.embedding_cache import EmbeddingCache, sequence_keys
+
+    identity, keys = model_identity(model, tokenizer), sequence_keys(tokenized.tokens, tokenized.offsets)
+    with _STORE_TURN, EmbeddingCache.open(cache_dir) as cache:
+        return StoredRows(identity, keys, *cache.lookup(identity, keys))
+
+
+def model_identity(model: ModelDescription, tokenizer: SequenceTokenizer) -> ModelIdentity:
     """What decides a model's vectors, as the embedding store keys them (its token ids are the row keys)."""
     from vnp_core.embedding_cache import ModelIdentity
 
     return ModelIdentity(kind=model.kind, weights_sha256=model.weights_sha256, dtype=model.precision,
                          max_length=None, pooling=model.pooling, dim=model.embed_dim,
                          code_version=f"vnp {__version__}, {model.attention_backend}, "
-                                      f"tokenizer {hashlib.sha256(model.tokenizer.digest.encode()).hexdigest()[:12]}")
+                                      f"tokenizer {hashlib.sha256(tokenizer.digest.encode()).hexdigest()[:12]}")
 
 
 def _already_complete(done: dict, rows: int, start: float, progress: Callable[[Progress], None] | None) -> EmbedStats:
@@ -435,7 +469,7 @@ def _already_complete(done: dict, rows: int, start: float, progress: Callable[[P
     )
 
 
-def _shard_attrs(model: LoadedModel, tokenized: Tokenized, max_tokens: int) -> dict:
+def _shard_attrs(model: ModelDescription, tokenized: Tokenized, max_tokens: int) -> dict:
     """What a reader needs to know how the vectors were made (../shared/spec/outputs.md)."""
     return {
         "kind": model.kind, "model_name": model.name, "weights_sha256": model.weights_sha256,
@@ -467,7 +501,7 @@ def _complete_shard(out_path: Path, fingerprint: str) -> dict | None:
     return None
 
 
-def input_fingerprint(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized) -> str:
+def input_fingerprint(model: ModelDescription, ids: Sequence[str], tokenized: Tokenized) -> str:
     """What a shard's vectors depend on: token ids (so tokenizer settings count), ids, weights, dtype, back end."""
     digest = hashlib.sha256()
     for part in (model.weights_sha256, model.precision, model.attention_backend, __version__):

@@ -15,9 +15,10 @@ import numpy as np
 
 from vnp_core.config import EmbedConfig
 from vnp_core.fasta import NUCLEOTIDE_LETTERS
-from vnp_core.models.base import LoadedModel, SequenceTokenizer, Tokenized, checkpoint_embedding
+from vnp_core.models.base import LoadedModel, ModelDescription, SequenceTokenizer, Tokenized, checkpoint_embedding
 
-__all__ = ["MODELS", "LoadedModel", "ModelSpec", "SequenceTokenizer", "Tokenized", "checkpoint_embedding", "model_spec"]
+__all__ = ["MODELS", "LoadedModel", "ModelDescription", "ModelSpec", "SequenceTokenizer", "Tokenized", "checkpoint_embedding",
+           "model_spec"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ModelSpec:
     pooling: str
     compile_min_tokens: int  # tokens from which a shard repays compiling the layers
     load: Callable[[Path, EmbedConfig], LoadedModel]
+    describe: Callable[[Path, EmbedConfig], ModelDescription]  # what `load` loads, from the weights' checksum only
     tokenizer: Callable[[Path, EmbedConfig], SequenceTokenizer]  # without reading the weights
     reference: Callable[[Path, list[str], EmbedConfig, str], np.ndarray]  # fp32, unpacked, on a torch device
 
@@ -38,6 +40,7 @@ def _dnabert_s() -> ModelSpec:
     return ModelSpec(
         name="dnabert_s", index_column="nucleotide", alphabet=NUCLEOTIDE_LETTERS, pooling=dnabert_s.POOLING,
         compile_min_tokens=dnabert_s.COMPILE_MIN_TOKENS, load=dnabert_s_checkpoint.load_dnabert_s,
+        describe=dnabert_s_checkpoint.describe_dnabert_s,
         tokenizer=lambda path, config: dnabert_s.DnabertSTokenizer(Path(path) / "tokenizer.json"),
         reference=lambda path, sequences, config, device: reference.dnabert_s_reference(Path(path), sequences, device),
     )
@@ -48,7 +51,7 @@ def _esm2() -> ModelSpec:
 
     return ModelSpec(
         name="esm2", index_column="protein", alphabet=esm2.RESIDUES, pooling=esm2.POOLING,
-        compile_min_tokens=esm2.COMPILE_MIN_TOKENS, load=esm2_checkpoint.load_esm2,
+        compile_min_tokens=esm2.COMPILE_MIN_TOKENS, load=esm2_checkpoint.load_esm2, describe=esm2_checkpoint.describe_esm2,
         tokenizer=lambda path, config: esm2.ESM2Tokenizer(config.max_protein_length),
         reference=lambda path, sequences, config, device: reference.esm2_reference(
             Path(path), sequences, max_residues=config.max_protein_length, device=device),

@@ -1,15 +1,17 @@
 """What every embedding model gives the engine: its tokens (`Tokenized`), a picklable tokenizer
-(`SequenceTokenizer`) and, once loaded, a `LoadedModel` whose `module.embed(batch)` returns pooled
-fp32 vectors, one per sequence of a pack."""
+(`SequenceTokenizer`), before loading a `ModelDescription` (what names its vectors) and, once loaded,
+a `LoadedModel` whose `module.embed(batch)` returns pooled fp32 vectors, one per sequence of a pack."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
+from vnp_core.attention import select_backend
+from vnp_core.config import EmbedConfig
 from vnp_core.packing import PackedBatch, make_batch
 
 
@@ -75,20 +77,20 @@ def checkpoint_embedding(num_embeddings: int, dim: int, padding_idx: int | None 
     return torch.nn.Embedding(num_embeddings, dim, padding_idx, _weight=torch.empty(num_embeddings, dim))
 
 
-@dataclass
-class LoadedModel:
+@dataclass(frozen=True, kw_only=True)
+class ModelDescription:
+    """A model as its outputs and the embedding store name it, known without loading its weights
+    (`ModelSpec.describe`); a `LoadedModel` is its description plus the module and tokenizer."""
+
     kind: str  # its `ModelSpec.name`
     name: str  # e.g. "esm2_t36_3B_UR50D", or the directory name of a DNABERT-S checkpoint
-    module: torch.nn.Module  # .embed(PackedBatch) -> (B, embed_dim) float32
-    tokenizer: SequenceTokenizer
     embed_dim: int
     weights_sha256: str
-    source: str  # the path the weights were read from
+    source: str  # the path the weights are read from
     device: torch.device
     dtype: torch.dtype
     attention_backend: str
     pooling: str  # the pooling rule, recorded in every output
-    compiled: bool = False  # layers wrapped by torch.compile (`engine.compile_if_worth_it`)
     fp8: bool = False  # linear layers in FP8 (`vnp_core.models.fp8`), activations in `dtype`
 
     @property
@@ -98,3 +100,21 @@ class LoadedModel:
 
         dtype = str(self.dtype).removeprefix("torch.")
         return PRECISION_PREFIX + dtype if self.fp8 else dtype
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel(ModelDescription):
+    module: torch.nn.Module  # .embed(PackedBatch) -> (B, embed_dim) float32
+    tokenizer: SequenceTokenizer
+    compiled: bool = False  # layers wrapped by torch.compile (`engine.compile_if_worth_it`)
+
+    @property
+    def description(self) -> ModelDescription:
+        """The model without its module: what `ModelSpec.describe` gives for the same files and config."""
+        return ModelDescription(**{f.name: getattr(self, f.name) for f in fields(ModelDescription)})
+
+
+def placement(config: EmbedConfig, *, needs_bias: bool) -> tuple[torch.device, torch.dtype, str]:
+    """The device, dtype and attention back end a model runs with under `config`."""
+    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+    return device, dtype, select_backend(config.attention_backend, device, dtype, needs_bias=needs_bias)

@@ -7,6 +7,7 @@ allows by name; a file that asks for anything else is refused before any of it r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
@@ -100,9 +101,19 @@ def check_state_dict(found: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
-    """One checksum over the files' bytes in order: a model's identity in every output."""
+    """One checksum over the files' bytes in order: a model's identity in every output.
+
+    Remembered per process for files of unchanged inode, size and modification time: a device process
+    describes a model (the embedding store's lookup) before it loads it, and loads it again per shard.
+    """
+    return _sha256_files(tuple((str(path), (stat := Path(path).stat()).st_ino, stat.st_size, stat.st_mtime_ns)
+                               for path in paths))
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_files(files: tuple[tuple[str, int, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in paths:
+    for path, *_ in files:
         with Path(path).open("rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)

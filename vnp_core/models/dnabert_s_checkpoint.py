@@ -7,9 +7,8 @@ from pathlib import Path
 
 import torch
 
-from vnp_core.attention import select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models.base import LoadedModel
+from vnp_core.models.base import LoadedModel, ModelDescription, placement
 from vnp_core.models.checkpoint import CheckpointError, check_state_dict, read_tensors, sha256_files
 from vnp_core.models.dnabert_s import POOLING, DnabertSConfig, DnabertSTokenizer, PackedDnabertS, alibi_slopes
 
@@ -18,16 +17,28 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 UNUSED_WEIGHTS = ("pooler.", "cls.")
 
 
-def read_checkpoint(model_dir: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor]]:
-    """The weights file and its tensors, keyed as in DNABERT-S (DNABERT-2's `bert.` prefix removed,
-    pooler and MLM head left out)."""
+def weights_file(model_dir: Path) -> Path:
     files = [model_dir / name for name in WEIGHT_FILES if (model_dir / name).is_file()]
     if not files:
         raise FileNotFoundError(f"{model_dir}: no DNABERT-S weights ({' or '.join(WEIGHT_FILES)})")
-    file = files[0]
+    return files[0]
+
+
+def read_checkpoint(model_dir: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights file and its tensors, keyed as in DNABERT-S (DNABERT-2's `bert.` prefix removed,
+    pooler and MLM head left out)."""
+    file = weights_file(model_dir)
     raw = read_tensors(file, device=str(device))
     state = {key.removeprefix("bert."): tensor for key, tensor in raw.items()}
     return file, {key: tensor for key, tensor in state.items() if not key.startswith(UNUSED_WEIGHTS)}
+
+
+def describe_dnabert_s(path: Path, config: EmbedConfig) -> ModelDescription:
+    """The model `load_dnabert_s` loads, from config.json and the weights' checksum alone."""
+    file, (device, dtype, backend) = weights_file(path), placement(config, needs_bias=True)
+    return ModelDescription(kind="dnabert_s", name=path.name, source=str(file), weights_sha256=sha256_files([file]),
+                            embed_dim=DnabertSConfig.from_json(path / "config.json").hidden_size, device=device,
+                            dtype=dtype, attention_backend=backend, pooling=POOLING)
 
 
 def load_dnabert_s(path: Path, config: EmbedConfig) -> LoadedModel:
@@ -38,18 +49,13 @@ def load_dnabert_s(path: Path, config: EmbedConfig) -> LoadedModel:
     if tokenizer.vocab_size > model_config.vocab_size:
         raise CheckpointError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens, "
                               f"config.json's vocab_size is {model_config.vocab_size}")
-    device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    backend = select_backend(config.attention_backend, device, dtype, needs_bias=True)
-    file, state = read_checkpoint(path, device)
+    model = describe_dnabert_s(path, config)
+    file, state = read_checkpoint(path, model.device)
     # Built on the meta device, then given the checkpoint's tensors: no random init, no second copy.
     with torch.device("meta"):
-        module = PackedDnabertS(model_config, backend)
+        module = PackedDnabertS(model_config, model.attention_backend)
     check_state_dict(state, module.state_dict(), file, "DNABERT-S")
-    module.load_state_dict({key: tensor.to(dtype) for key, tensor in state.items()}, assign=True)
+    module.load_state_dict({key: tensor.to(model.dtype) for key, tensor in state.items()}, assign=True)
     # A non-persistent buffer: not in the checkpoint, so still on the meta device until set here.
-    module.alibi_slopes = alibi_slopes(model_config.num_attention_heads).to(device)
-    return LoadedModel(
-        kind="dnabert_s", name=path.name, module=module.eval(), tokenizer=tokenizer, embed_dim=model_config.hidden_size,
-        weights_sha256=sha256_files([file]), source=str(file), device=device, dtype=dtype,
-        attention_backend=backend, pooling=POOLING,
-    )
+    module.alibi_slopes = alibi_slopes(model_config.num_attention_heads).to(model.device)
+    return LoadedModel(**vars(model), module=module.eval(), tokenizer=tokenizer)

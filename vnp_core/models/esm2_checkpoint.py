@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from vnp_core.attention import select_backend
 from vnp_core.config import EmbedConfig
-from vnp_core.models.base import LoadedModel
+from vnp_core.models.base import LoadedModel, ModelDescription, placement
 from vnp_core.models.checkpoint import (
     CheckpointError,
     check_state_dict,
@@ -36,26 +35,28 @@ def load_esm2(path: Path, config: EmbedConfig) -> LoadedModel:
     with ThreadPoolExecutor(1, thread_name_prefix="vnp-sha256") as pool:
         weights_sha256 = pool.submit(sha256_files, _files_read(source))
         cfg, weights = read_esm2_weights(source)
-        device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-        backend = select_backend(config.attention_backend, device, dtype, needs_bias=False)
+        device, dtype, backend = placement(config, needs_bias=False)
         module = PackedESM2.from_weights(cfg, weights, device, dtype, backend)
     if config.fp8:
         check_fp8_device(device)
         use_fp8_linears(module.layers)  # quantised once, here; the embedding and final LayerNorm stay as they are
-    return LoadedModel(
-        kind="esm2",
-        name=source.stem if source.is_file() else source.name,
-        module=module,
-        tokenizer=ESM2Tokenizer(config.max_protein_length),
-        embed_dim=cfg.embed_dim,
-        weights_sha256=weights_sha256.result(),
-        source=str(source),
-        device=device,
-        dtype=dtype,
-        attention_backend=backend,
-        pooling=POOLING,
-        fp8=config.fp8,
-    )
+    description = _description(source, cfg, config, weights_sha256.result(), device, dtype, backend)
+    return LoadedModel(**vars(description), module=module, tokenizer=ESM2Tokenizer(config.max_protein_length))
+
+
+def describe_esm2(path: Path, config: EmbedConfig) -> ModelDescription:
+    """The model `load_esm2` loads, from its config and checksum alone: a fair-esm file's tensors are
+    memory-mapped and never read (a pre-zip pickle, which cannot be mapped, is read whole)."""
+    source = resolve_checkpoint(Path(path))
+    cfg = _hf_config(source) if source.is_dir() else _read_fair_esm(source)[0]
+    return _description(source, cfg, config, sha256_files(_files_read(source)), *placement(config, needs_bias=False))
+
+
+def _description(source: Path, cfg: ESM2Config, config: EmbedConfig, weights_sha256: str, device: torch.device,
+                 dtype: torch.dtype, backend: str) -> ModelDescription:
+    return ModelDescription(kind="esm2", name=source.stem if source.is_file() else source.name, embed_dim=cfg.embed_dim,
+                            weights_sha256=weights_sha256, source=str(source), device=device, dtype=dtype,
+                            attention_backend=backend, pooling=POOLING, fp8=config.fp8)
 
 
 def read_esm2_weights(source: Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
@@ -138,7 +139,7 @@ def _fair_esm_name(hf_name: str) -> str | None:
     return None if mapped is None else f"{mapped}.{param}"
 
 
-def _read_hf_dir(directory: Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
+def _hf_config(directory: Path) -> ESM2Config:
     hf = read_json(directory / "config.json", ("hidden_size", "num_hidden_layers", "num_attention_heads"))
     architecture = {
         "position_embedding_type": ("rotary", hf.get("position_embedding_type")),
@@ -151,8 +152,11 @@ def _read_hf_dir(directory: Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
     for field, (wanted, found) in architecture.items():
         if found != wanted:
             raise CheckpointError(f"{directory / 'config.json'}: {field} is {found!r}; ESM-2 has {wanted!r}")
-    cfg = ESM2Config(hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"])
-    weights = {}
+    return ESM2Config(hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"])
+
+
+def _read_hf_dir(directory: Path) -> tuple[ESM2Config, dict[str, torch.Tensor]]:
+    cfg, weights = _hf_config(directory), {}
     for weights_file in _hf_weight_files(directory):
         for hf_name, tensor in read_tensors(weights_file).items():
             if (name := _fair_esm_name(hf_name)) is not None:
