@@ -121,3 +121,36 @@ def test_vnp_run_with_fp8_embeds_esm2_in_fp8_and_its_validation_checks_the_calls
     report = json.loads(report_file.read_text())
     assert report["passed"] and not report["calls"]["applies"] and report["calls"]["agreement"] == 1.0
     assert read_attrs(sample / "embeddings" / "esm2" / "shard-0.h5")["dtype"] == "float16"  # FP8 is part of the version
+
+
+def test_vnp_embed_esm2_with_fp8(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from vnp_assets.cli import app
+    from vnp_core.store import read_attrs, read_embeddings
+
+    proteins = tmp_path / "p.faa"
+    proteins.write_text("".join(f">p{i}\n{s}\n" for i, s in enumerate(SEQUENCES)))
+    out = tmp_path / "e.h5"
+    refused = CliRunner().invoke(app, ["embed", "esm2", str(proteins), "--model", str(tiny), "--out", str(out), "--fp8"])
+    assert refused.exit_code == 1 and "--fp8 keeps activations in float16 or bfloat16: add --dtype float16" in refused.output
+    assert not out.exists()
+
+    done = CliRunner().invoke(app, ["embed", "esm2", str(proteins), "--model", str(tiny), "--out", str(out), "--fp8",
+                                    "--dtype", "float16"])
+    assert done.exit_code == 0, done.output
+    assert read_attrs(out)["dtype"] == "fp8_e4m3+float16" and "fp8_e4m3+float16" in done.output
+    vectors = read_embeddings(out).embeddings
+    assert cosine(vectors, esm2_reference(tiny, SEQUENCES)).min() >= 0.99
+
+
+def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_sentence(monkeypatch):
+    from vnp_core.models.fp8 import check_fp8_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match=r"^fp8 needs a GPU with FP8 tensor cores .* NVIDIA A100-SXM4-80GB has 8\.0: turn fp8 off$"):
+        check_fp8_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_device(torch.device("cuda"))  # Hopper
+    check_fp8_device(torch.device("cpu"))
