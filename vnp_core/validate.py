@@ -280,12 +280,16 @@ def _cosine_histogram(report: dict, per_model: dict[str, pl.DataFrame]) -> Figur
         cosine = comparison["cosine"].to_numpy()
         distance = np.clip(1.0 - cosine[np.isfinite(cosine)], floor, 1.0)
         axes.hist(distance, bins=edges, histtype="step", linewidth=1.5, label=f"{name} (n={len(cosine)})")
-    model = next(iter(report["models"].values()), None)
-    if model is not None:
-        axes.axvline(1 - model["min_cosine_p99"], color="0.4", linestyle="--",
-                     label=f"cosine {model['min_cosine_p99']} ({P99_FRACTION:.0%} must be left of it)")
-        axes.axvline(1 - model["min_cosine_all"], color="black", linestyle=":",
-                     label=f"cosine {model['min_cosine_all']} (all must be left of it)")
+    thresholds: dict[tuple[float, float], list[str]] = {}  # FP8's differ from fp16's
+    for name, model in report["models"].items():
+        thresholds.setdefault((model["min_cosine_p99"], model["min_cosine_all"]), []).append(name)
+    models = list(report["models"])
+    for (min_p99, min_all), names in thresholds.items():
+        # One set: grey and black; several: each in its (first) model's histogram colour.
+        which, p99_colour, all_colour = ((f"{', '.join(names)}: ", *[f"C{models.index(names[0])}"] * 2)
+                                         if len(thresholds) > 1 else ("", "0.4", "black"))
+        axes.axvline(1 - min_p99, color=p99_colour, linestyle="--", label=f"{which}cosine {min_p99} ({P99_FRACTION:.0%} must be left of it)")
+        axes.axvline(1 - min_all, color=all_colour, linestyle=":", label=f"{which}cosine {min_all} (all must be left of it)")
     axes.set_xscale("log")
     axes.set_xlabel("1 - cosine similarity (production vs fp32 reference)")
     axes.set_ylabel("sequences")
