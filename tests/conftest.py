@@ -3,6 +3,7 @@ instance, and a way to register a sample as the inbox sensor would."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from vnp_assets.platform import resources_from_settings
 from vnp_assets.samples import register_sample
 
 Resources = dict[str, ConfigurableResource]
+
+# Started as a background job of a non-interactive shell, the test process inherits SIGINT ignored, and
+# Dagster gives SIGTERM SIGINT's handler: no child (a process pool, a stub Ray node) could be stopped.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

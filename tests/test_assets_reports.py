@@ -68,6 +68,7 @@ def test_passing_report_then_predictions_in_the_original_files(
     assert "- esm2.dtype: float16" in metadata["summary"]  # what production ran with, from the merged file
     assert metadata["histogram"].startswith("![cosine histogram](data:image/png;base64,iVBOR")  # a PNG, inline
     assert metadata["esm2_cosine_min"] > 0.9999 and metadata["dnabert_s_cosine_p1"] > 0.9999
+    assert metadata["call_agreement"] == 1.0  # the same vectors make the same calls
     index_rows = pl.read_parquet(vnp_resources["storage"].layout("flu").index).height
     assert metadata["compared"] == index_rows  # fewer frames than the subset size: all of them
     assert all(Path(metadata[name]).is_file() for name in ("report_file", "per_sequence_file", "histogram_file"))
@@ -119,3 +120,15 @@ def test_classifier_of_the_other_chunk_length_is_refused(vnp_resources: Resource
 
     with pytest.raises(ValueError, match="500-bp chunks but the classifier .*300_model.* was trained on 300-bp chunks"):
         materialize_for_sample(mismatched, instance, "virnucpro_predictions")
+
+
+def test_a_classifier_that_does_not_fit_leaves_the_calls_uncompared_in_fp16(
+        make_resources, instance: DagsterInstance, indexed_sample: str, vnp_resources: Resources, tmp_path: Path) -> None:
+    from vnp_core.tiny_models import write_tiny_classifier
+
+    write_production_embeddings(vnp_resources, flip_first_dnabert_s_row=False)
+    narrow = write_tiny_classifier(tmp_path / "narrow", in_features=64, chunk_length=500)["state_dict"]
+    report = materialize_for_sample(make_resources(classifier=str(narrow)), instance, "fp16_validation_report")
+    metadata = materialization_metadata(report, "fp16_validation_report")
+    assert [(check.check_name, check.passed) for check in report.get_asset_check_evaluations()] == [("cosine_thresholds", True)]
+    assert "call_agreement" not in metadata and "VirNucPro calls" not in metadata["summary"]

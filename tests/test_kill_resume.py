@@ -302,6 +302,30 @@ defs.resolve_job_def("embed_shard").execute_in_process(partition_key="reads|0", 
 
 
 @pytest.mark.slow
+def test_a_vnp_run_started_in_the_background_stops_on_a_plain_kill(tmp_path: Path) -> None:
+    """A non-interactive shell's background job starts with SIGINT ignored, and Dagster gives SIGTERM
+    SIGINT's handler: `kill` must still stop `vnp run`, in one line, and every process below it."""
+    from vnp_core.tiny_models import write_tiny_esm2
+
+    esm2_model = write_tiny_esm2(tmp_path / "models" / "esm2_t12_slow.pt", **SLOW_ESM2)
+    fasta, home, log = write_reads(tmp_path / "reads.fasta"), tmp_path / "home", tmp_path / "run.log"
+    processes = Processes(esm2_model)
+    try:
+        with log.open("ab") as out:
+            run = subprocess.Popen(["bash", "-c", 'trap "" INT; exec "$@"', "bash", str(VNP), "run", str(fasta), "--home",
+                                    str(home), "--esm2-model", str(esm2_model)],
+                                   env=processes.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_until(lambda: processes.writing_checkpoint(home / "storage" / "samples" / "reads" / "embeddings" / "esm2"),
+                   timeout=300, running=run, what="the esm2 embedding", log=log)
+        run.send_signal(signal.SIGTERM)
+        assert finished(run, log, timeout=60) == 1
+        assert processes.gone_within(20) == []
+        assert log.read_text().rstrip().splitlines()[-1].startswith("error: interrupted")
+    finally:
+        processes.kill_all()
+
+
+@pytest.mark.slow
 def test_a_killed_run_launched_without_vnp_tags_is_found_by_its_gpu_step(tmp_path: Path) -> None:
     """The GPU step tags its own run with its process: a run the daemon launched, killed while it holds
     the `gpu` slot, is marked failed and its slot freed like a `vnp run`'s."""

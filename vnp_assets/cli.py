@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -101,6 +102,10 @@ class _Interrupted(Exception):
 class VnpTyper(typer.Typer):
     def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003
         VnpGroup.own_process = True
+        # A background job of a non-interactive shell starts with SIGINT ignored, and Dagster gives SIGTERM
+        # SIGINT's handler: a plain `kill` would then be ignored by vnp and by every process it starts.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return super().__call__(*args, **kwargs)
 
 

@@ -73,9 +73,16 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
     run_context = {"sample": sample, "reference_device": where,
                    **{f"{model}.{key}": made_with[model][key] for model in MODELS for key in ("dtype", "attention_backend")}}
     precision = {model: made_with[model]["dtype"] for model in MODELS}
-    classifier = load_classifier(paths.classifier, trusted_pickle=paths.trust_classifier_pickle)
-    calls = compare_calls(classifier, frame_ids, production, reference, chunk_length=chunk_length, config=validation,
-                          applies=any(map(is_fp8, precision.values())))
+    fp8 = any(map(is_fp8, precision.values()))
+    try:
+        classifier = load_classifier(paths.classifier, trusted_pickle=paths.trust_classifier_pickle)
+        calls = compare_calls(classifier, frame_ids, production, reference, chunk_length=chunk_length,
+                              config=validation, applies=fp8)
+    except ValueError as error:  # a classifier that does not fit: FP8's check needs it, fp16's only reports calls
+        if fp8:
+            raise
+        context.log.warning(f"the chunk calls were not compared: {error}")
+        calls = None
     report = build_report(per_model, validation, run_context, precision, calls)
     files = write_report(report, per_model, layout.report_dir)
     histogram = base64.b64encode(files["histogram"].read_bytes()).decode()
@@ -90,9 +97,9 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
             "histogram": MetadataValue.md(f"![cosine histogram](data:image/png;base64,{histogram})"),
             **cosines,
             "compared": len(subset),
-            "call_agreement": MetadataValue.float(calls.agreement),
+            **({"call_agreement": MetadataValue.float(calls.agreement)} if calls else {}),
             **{f"{name}_file": MetadataValue.path(path) for name, path in files.items()},
         },
         check_results=[AssetCheckResult(check_name="cosine_thresholds", passed=report["passed"],
-                                        metadata={**cosines, "call_agreement": MetadataValue.float(calls.agreement)})],
+                                        metadata={**cosines, **({"call_agreement": calls.agreement} if calls else {})})],
     )
