@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from shard_rows import Rows
 from vnp_core.config import EmbedConfig
 from vnp_core.embedding_cache import EmbeddingCache
 from vnp_core.engine import ShardJob, embed_shards, embed_tokenized, embed_with_cache, model_identity, tokenize
@@ -94,15 +95,6 @@ def test_a_complete_shard_is_not_recomputed_and_the_store_is_not_consulted(esm2,
 
 # ----------------------------------------------------------------------------------------------
 # A shard whose rows the store holds loads no model (`embed_shards`)
-
-
-@dataclass(frozen=True)
-class Rows:
-    ids: tuple[str, ...]
-    sequences: tuple[str, ...]
-
-    def __call__(self) -> tuple[list[str], list[str]]:
-        return list(self.ids), list(self.sequences)
 
 
 def esm2_job(paths, ids, sequences, out: Path, cache: Path | None) -> ShardJob:

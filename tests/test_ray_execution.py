@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from services import free_port, stop_process_groups
+from shard_rows import Rows
 
 ray = pytest.importorskip("ray")
 
@@ -43,8 +44,9 @@ from vnp_assets.ray_execution import (  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-# The functions below run in Ray workers, which cannot import this test module: send them by value.
+# The functions below run in Ray workers, which cannot import the tests' modules: send them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(sys.modules[Rows.__module__])
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -264,17 +266,6 @@ def test_the_node_lease_keeps_a_gpu_held_by_a_local_run(loopback_cluster, log, t
 
 
 # The engine through Ray: the same function as the local device process, the same vectors.
-
-@dataclass(frozen=True)
-class Rows:
-    """A shard's rows, as the engine asks for them (picklable)."""
-
-    ids: tuple[str, ...]
-    sequences: tuple[str, ...]
-
-    def __call__(self) -> tuple[list[str], list[str]]:
-        return list(self.ids), list(self.sequences)
-
 
 def embed_shards_killed_once(jobs, marker: str, progress=None):
     """`embed_shards`, killed (SIGKILL) the first time once half of the first shard is done and checkpointed."""
