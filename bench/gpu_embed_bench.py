@@ -331,6 +331,8 @@ def esm2_fp8_section(args) -> None:
     """FP8 variants of ESM-2 3B, compiled as the engine runs them, against fp16 on the same weights:
     throughput, cosine against the packed fp32 model, and where one set's GPU time goes."""
     from vnp_core.models.esm2 import ESM2Config, ESM2Tokenizer, PackedESM2
+    import torch._inductor.config
+
     from vnp_core.models.fp8 import Fp8Linear, use_fp8_linears
 
     cfg = ESM2Config(*SHAPES["esm2"])
@@ -342,7 +344,7 @@ def esm2_fp8_section(args) -> None:
                 tensor.normal_(0, 0.02)
     weights = fp32.state_dict()
 
-    def variant(fp8: bool, fused_qkv: bool = False, fast_accum: bool = False):
+    def variant(fp8: bool, fused_qkv: bool = False, fast_accum: bool = True, inductor_gelu: bool = False):
         model = PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND)
         if fused_qkv:
             fuse_qkv(model)
@@ -351,149 +353,62 @@ def esm2_fp8_section(args) -> None:
             for module in model.modules():
                 if isinstance(module, Fp8Linear):
                     module.use_fast_accum = fast_accum
+            if inductor_gelu:  # the GELU and fc2's quantisation left to torch.compile, as before fp8_gelu
+                for layer in model.layers:
+                    layer.activation = torch.nn.GELU()
         model.compile_layers()
         return model
 
-    variants = {"fp16": dict(fp8=False), "fp8": dict(fp8=True), "fp8_fast_accum": dict(fp8=True, fast_accum=True),
-                "fp8_fused_qkv": dict(fp8=True, fused_qkv=True),
-                "fp8_fused_qkv_fast_accum": dict(fp8=True, fused_qkv=True, fast_accum=True)}
+    # multi_kernel: Inductor also generates whole-row ("persistent") reductions for rows up to 16k wide
+    # and picks, per kernel, the faster of the two at run time.
+    variants = {"fp16": dict(fp8=False), "fp16_multi_kernel": dict(fp8=False, inductor={"triton.multi_kernel": 1}),
+                "fp8_inductor_gelu": dict(fp8=True, inductor_gelu=True),
+                "fp8_inductor_gelu_multi_kernel": dict(fp8=True, inductor_gelu=True, inductor={"triton.multi_kernel": 1}),
+                "fp8": dict(fp8=True), "fp8_multi_kernel": dict(fp8=True, inductor={"triton.multi_kernel": 1})}
     tokenizer = ESM2Tokenizer(1022)
     sets = {name: [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
             for name, seqs in protein_sets(random.Random(0), args.scale).items() if name != "proteome"}
     reference = {name: vnp_embed(fp32, tokens[: args.accuracy_n], 16384) for name, tokens in sets.items()}
+    fused_gelu_check(cfg)
     for label, options in variants.items():
         try:
-            model = variant(**options)
-            for name, tokens in sets.items():
-                record(f"esm2_fp8_accuracy_{label}_vs_fp32_{name}",
-                       cosine_stats(vnp_embed(model, tokens[: args.accuracy_n], 16384), reference[name]))
-                n_tokens = sum(len(t) for t in tokens)
-                seconds = timed(lambda: vnp_embed(model, tokens, 65536), warmup=1, reps=args.reps)
-                record(f"esm2_fp8_throughput_{label}_{name}", {"tokens_per_s": round(n_tokens / seconds), "seconds": round(seconds, 3)})
-            if label in ("fp16", "fp8") and args.profile:
-                record(f"esm2_fp8_profile_{label}", kernel_profile(model, sets["virnucpro500"], 65536, top=20))
+            with torch._inductor.config.patch(options.pop("inductor", {})):
+                model = variant(**options)
+                for name, tokens in sets.items():
+                    record(f"esm2_fp8_accuracy_{label}_vs_fp32_{name}",
+                           cosine_stats(vnp_embed(model, tokens[: args.accuracy_n], 16384), reference[name]))
+                    n_tokens = sum(len(t) for t in tokens)
+                    seconds = timed(lambda: vnp_embed(model, tokens, 65536), warmup=1, reps=args.reps)
+                    record(f"esm2_fp8_throughput_{label}_{name}", {"tokens_per_s": round(n_tokens / seconds), "seconds": round(seconds, 3)})
+                if label in ("fp16", "fp8_inductor_gelu", "fp8") and args.profile:
+                    record(f"esm2_fp8_profile_{label}", kernel_profile(model, sets["virnucpro500"], 65536, top=20))
             del model
             torch.cuda.empty_cache()
         except Exception as error:  # a failing variant is recorded, not fatal
             record(f"esm2_fp8_{label}", f"failed: {error!r}")
 
 
-def esm2_compile_section(args) -> None:
-    """Regional torch.compile of each ESM-2 layer (attention stays an opaque op) against eager, same weights.
+def fused_gelu_check(cfg) -> None:
+    """The fused GELU + quantisation kernel against the eager ops, on fc1-shaped activations: how many
+    e4m3 values and scales differ, and the time of each (ms per 64k-token pack)."""
+    import torch.nn.functional as F
 
-    Run in its own process: an inductor failure can leave a device-side assert that poisons the CUDA context.
-    """
-    from vnp_core.models.esm2 import ESM2Config, ESM2Tokenizer, PackedESM2
+    from vnp_core.models.fp8 import quantize_rows
+    if DEVICE != "cuda":
+        return record("esm2_fp8_fused_gelu_check", "cuda only")
+    from vnp_core.models.fp8_gelu import gelu_quantize_rows
 
-    torch.manual_seed(0)
-    eager = PackedESM2.from_config(ESM2Config(*SHAPES["esm2"]), DEVICE, torch.float16, ESM2_BACKEND)
-    seqs = protein_sets(random.Random(0), args.scale)["virnucpro500"]
-    tokens = [ESM2Tokenizer(1022).encode(s, str(i))[0] for i, s in enumerate(seqs)]
-    n_tokens = sum(len(t) for t in tokens)
-    reference = vnp_embed(eager, tokens, 65536)
-    seconds = timed(lambda: vnp_embed(eager, tokens, 65536), warmup=1, reps=args.reps)
-    record("esm2_compile_eager_virnucpro500", {"tokens_per_s": round(n_tokens / seconds)})
-    for layer in eager.layers:
-        layer.compile(dynamic=True)
-    compiled = vnp_embed(eager, tokens, 65536)
-    record("esm2_compile_accuracy_vs_eager", cosine_stats(compiled, reference))
-    seconds = timed(lambda: vnp_embed(eager, tokens, 65536), warmup=1, reps=args.reps)
-    record("esm2_compile_layers_virnucpro500", {"tokens_per_s": round(n_tokens / seconds)})
-
-
-# ---------------------------------------------------------------- DNABERT-S
-
-
-def dna_sets(rng: np.random.Generator, scale: float) -> dict[str, list[str]]:
-    def draw(n, length):
-        return ["".join(rng.choice(list("ACGT"), size=length)) for _ in range(int(n * scale))]
-
-    return {"reads150": draw(40000, 149), "chunks500": draw(10000, 499)}  # kept frames are 1 bp shorter than codons x3 + 1
-
-
-def padded_token_ids(token_ids: list[np.ndarray], max_tokens: int, pad_id: int) -> list[list[np.ndarray]]:
-    """Length-sorted batches, every sequence padded to its batch's longest: a padded model's work."""
-    batches = []
-    for batch in padded_batches([len(t) for t in token_ids], max_tokens):
-        longest = max(len(token_ids[i]) for i in batch)
-        batches.append([np.pad(token_ids[i], (0, longest - len(token_ids[i])), constant_values=pad_id) for i in batch])
-    return batches
-
-
-def dnabert_section(args, workdir: Path) -> None:
-    from vnp_core.config import EmbedConfig
-    from vnp_core.engine import compile_if_worth_it
-    from vnp_core.models.dnabert_s_checkpoint import load_dnabert_s
-    from vnp_core.models.reference import dnabert_s_reference
-    from vnp_core.tiny_models import write_tiny_dnabert_s
-
-    model_dir = write_tiny_dnabert_s(workdir / "dnabert_s_full", hidden=SHAPES["dnabert"][1], layers=SHAPES["dnabert"][0],
-                                     heads=SHAPES["dnabert"][2], intermediate=SHAPES["dnabert"][3])
-    sets = dna_sets(np.random.default_rng(0), args.scale)
-    variants = {}
-    candidates = [("float16", "sdpa_padded", True), ("float16", "sdpa_padded", False), ("float32", "sdpa_reference", False),
-                  ("float32", "sdpa_padded", False)]
-    if args.dnabert_flex:
-        candidates.append(("float16", "flex", True))
-    for dtype, backend, compiled in candidates:
-        try:
-            # Loaders never compile (the engine decides per shard); compile_min_tokens=0: whatever the size.
-            config = EmbedConfig(device=DEVICE, dtype=dtype, attention_backend=backend, compile_layers=compiled,
-                                 compile_min_tokens=0)
-            variants[f"{dtype}_{backend}" + ("_compiled" if compiled else "")] = compile_if_worth_it(
-                load_dnabert_s(model_dir, config), config, 0)
-        except Exception as error:
-            record(f"dnabert_load_{dtype}_{backend}", f"failed: {error!r}")
-    tokenizer = next(iter(variants.values())).tokenizer
-
-    for name, seqs in sets.items():
-        subset = seqs[: args.accuracy_n]
-        reference = dnabert_s_reference(model_dir, subset, device=DEVICE)
-        tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(subset)]
-        for variant, loaded in variants.items():
-            try:
-                record(f"dnabert_accuracy_{variant}_vs_fp32_reference_{name}", cosine_stats(vnp_embed(loaded.module, tokens, 16384), reference))
-            except Exception as error:
-                record(f"dnabert_accuracy_{variant}_{name}", f"failed: {error!r}")
-
-    for name, seqs in sets.items():
-        tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
-        n_tokens = sum(len(t) for t in tokens)
-        record(f"dnabert_tokens_{name}", {"sequences": len(seqs), "tokens": n_tokens, "mean_tokens": round(n_tokens / len(seqs), 1)})
-        one_by_one = tokens[:300]
-        fp32 = variants["float32_sdpa_reference"].module
-        runs = {
-            # The original tool's way: one sequence per call, fp32 (timed on 300 sequences, scaled).
-            "one_sequence_per_call_fp32": (lambda: vnp_embed(fp32, one_by_one, 1), sum(len(t) for t in one_by_one)),
-        }
-        for dtype_name in ("float32", "float16"):
-            key = f"{dtype_name}_sdpa_padded"
-            if key in variants:
-                padded = padded_token_ids(tokens, 16384, pad_id=0)
-                module = variants[key].module
-
-                def run_padded(module=module, padded=padded):
-                    with torch.inference_mode():
-                        for batch in padded:
-                            module.embed(to_device(make_batch(batch, range(len(batch)))))
-                    sync()
-
-                runs[f"padded_batches_16k_{dtype_name}"] = (run_padded, n_tokens)
-        for variant in ("float16_sdpa_padded", "float16_sdpa_padded_compiled", "float16_flex_compiled"):
-            if variant in variants:
-                for budget in (65536, 262144):
-                    runs[f"vnp_packed_{variant}_{budget // 1024}k"] = (
-                        lambda m=variants[variant].module, b=budget: vnp_embed(m, tokens, b), n_tokens)
-        for variant, (fn, counted_tokens) in runs.items():
-            try:
-                seconds = timed(fn, warmup=1, reps=args.reps)
-                record(f"dnabert_throughput_{variant}_{name}", {"tokens_per_s": round(counted_tokens / seconds), "seconds": round(seconds, 3)})
-            except Exception as error:
-                record(f"dnabert_throughput_{variant}_{name}", f"failed: {error!r}")
-        if args.profile and DEVICE == "cuda":
-            for variant in ("float16_sdpa_padded_compiled", "float16_flex_compiled"):
-                if variant in variants:
-                    record(f"dnabert_profile_{variant}_{name}", kernel_profile(variants[variant].module, tokens, 262144))
+    x = (torch.randn(65536, 4 * cfg.embed_dim, device=DEVICE) * 1.5).half()
+    fused, expected = gelu_quantize_rows(x), quantize_rows(F.gelu(x))
+    compiled = torch.compile(lambda x: quantize_rows(F.gelu(x)), dynamic=True)
+    record("esm2_fp8_fused_gelu_check", {
+        "values_differing": int((fused[0].view(torch.uint8) != expected[0].view(torch.uint8)).sum()),
+        "scales_differing": int((fused[1] != expected[1]).sum()), "values": x.numel(),
+        "ms_fused": round(timed(lambda: gelu_quantize_rows(x), reps=10) * 1e3, 3),
+        "ms_eager": round(timed(lambda: quantize_rows(F.gelu(x)), reps=10) * 1e3, 3),
+        "ms_inductor": round(timed(lambda: compiled(x), reps=10) * 1e3, 3),
+        "ms_gelu_alone": round(timed(lambda: F.gelu(x), reps=10) * 1e3, 3),
+        "hbm_bytes": x.numel() * 3})
 
 
 def kernel_profile(module, token_ids: list[np.ndarray], max_tokens: int, top: int = 15) -> list[dict]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vnp_core.config import EmbedConfig
 from vnp_core.models.esm2_checkpoint import load_esm2
-from vnp_core.models.fp8 import E4M3, E4M3_MAX, Fp8Linear, quantize_rows, use_fp8_linears
+from vnp_core.models.fp8 import E4M3, E4M3_MAX, Fp8Gelu, Fp8Linear, Fp8Rows, quantize_rows, use_fp8_linears
 from vnp_core.models.reference import esm2_reference
 from vnp_core.packing import make_batch
 from vnp_core.tiny_models import write_tiny_esm2
@@ -47,12 +48,38 @@ def test_fp8_linear_is_the_linear_within_fp8_error():
     assert cosine(out.float().numpy(), expected).min() > 0.998
 
 
-def test_use_fp8_linears_replaces_every_linear_and_keeps_the_rest():
-    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.Sequential(nn.Linear(32, 16, bias=False)))
+def test_use_fp8_linears_replaces_every_linear_and_gelu_and_keeps_the_rest():
+    model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU(),
+                          nn.Sequential(nn.Linear(32, 16, bias=False)), nn.GELU(approximate="tanh"))
     use_fp8_linears(model)
-    assert [type(m).__name__ for m in model.modules()] == ["Sequential", "Fp8Linear", "LayerNorm", "Sequential", "Fp8Linear"]
-    assert model[2][0].bias is None and model[0].weight.dtype == E4M3
+    assert [type(m).__name__ for m in model.modules()] == [
+        "Sequential", "Fp8Linear", "LayerNorm", "Fp8Gelu", "Sequential", "Fp8Linear", "GELU"]  # tanh GELU: not ESM-2's
+    assert model[3][0].bias is None and model[0].weight.dtype == E4M3
     assert model(torch.randn(5, 32)).shape == (5, 16)
+
+
+def test_a_gelu_quantised_as_computed_feeds_the_next_layer_the_same_numbers():
+    torch.manual_seed(0)
+    x = torch.randn(9, 40, dtype=torch.float16) * 3
+    rows = Fp8Gelu()(x)
+    assert isinstance(rows, Fp8Rows) and rows.values.dtype == E4M3
+    expected = quantize_rows(F.gelu(x))
+    assert torch.equal(rows.values.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(rows.scale, expected[1])
+    fc2 = Fp8Linear(nn.Linear(40, 8).to(torch.float16))
+    assert torch.equal(fc2(rows), fc2(F.gelu(x)))  # the half-precision output either way
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA; the CPU runs the eager ops above")
+def test_the_fused_gelu_kernel_gives_the_eager_ops_numbers_on_a_gpu():
+    from vnp_core.models.fp8_gelu import gelu_quantize_rows
+
+    torch.manual_seed(0)
+    for rows, width in [(1000, 10240), (7, 100), (0, 64)]:  # ESM-2 3B's fc1 width, a ragged one, none
+        x = (torch.randn(rows, width, device="cuda") * 2).half()
+        values, scale = gelu_quantize_rows(x)
+        expected = quantize_rows(F.gelu(x))
+        assert torch.equal(scale, expected[1])
+        assert torch.equal(values.view(torch.uint8), expected[0].view(torch.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vnp_core.attention import AttentionPlan, attend, plan_attention
@@ -146,11 +145,12 @@ class TransformerLayer(nn.Module):
         self.self_attn = SelfAttention(embed_dim, num_heads)
         self.final_layer_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
+        self.activation = nn.GELU()  # exact erf
         self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
 
     def forward(self, x, plan: AttentionPlan, cos, sin):
         x = x + self.self_attn(self.self_attn_layer_norm(x), plan, cos, sin)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))  # exact erf GELU
+        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
 
 
 class PackedESM2(nn.Module):
