@@ -226,3 +226,19 @@ def _alive(pid: int) -> bool:
         return False
     # A zombie (exited, not yet reaped by init) counts as gone.
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_without_gpus_the_hosts_one_slot_is_leased_too(tmp_path):
+    """Dagster's `gpu` pool alone can let two runs' steps in at once (on SQLite its claim reads, then writes):
+    on a host without GPUs, the CPU is leased like a GPU, so their steps still take turns."""
+    from vnp_assets.resources import GpuPool
+
+    pool = GpuPool(lock_dir=str(tmp_path / "locks"), lease_timeout_s=0.3)
+    pool._discovered = []  # a host without GPUs, whatever this one has
+    with pool.lease() as device:
+        assert device is None and (tmp_path / "locks" / "cpu.lock").exists()
+        with pytest.raises(TimeoutError):
+            with pool.lease():
+                pass
+    with pool.lease() as device:  # free again
+        assert device is None

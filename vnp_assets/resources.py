@@ -7,8 +7,8 @@ is the one place where a user's settings become these resources.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from logging import Logger
 from pathlib import Path
@@ -166,12 +166,16 @@ class GpuPool(ConfigurableResource):
         """The host's cores shared out among its usable GPUs: each GPU step's CPU thread pool."""
         return max(1, (os.cpu_count() or 1) // max(1, len(self.usable_devices)))
 
-    def lease(self) -> AbstractContextManager[int | None]:
-        """`with gpus.lease() as device:` one usable GPU, exclusive across every run on the host (None without GPUs)."""
-        from vnp_core.gpu import GpuLease
+    @contextmanager
+    def lease(self) -> Iterator[int | None]:
+        """`with gpus.lease() as device:` one usable GPU, exclusive across every run on the host (None without
+        GPUs: then the host's one slot, the CPU). Dagster's `gpu` pool alone can let two runs in at once: on
+        SQLite its claim reads the free slots, then writes."""
+        from vnp_core.gpu import CPU_SLOT, GpuLease
 
         devices = self.usable_devices
-        return GpuLease(devices, Path(self.lock_dir), timeout=self.lease_timeout_s) if devices else nullcontext()
+        with GpuLease(devices or [CPU_SLOT], Path(self.lock_dir), timeout=self.lease_timeout_s) as device:
+            yield device if devices else None
 
     @property
     def slot_count(self) -> int:

@@ -66,6 +66,10 @@ def _parse_visible(visible: str) -> list[int]:
     return [int(entry) for entry in entries]
 
 
+# The one slot of a host without GPUs, leased like a GPU: its embedding steps take turns on the CPU.
+CPU_SLOT = -1
+
+
 class GpuLease:
     """Exclusive use of one of `devices` among all processes sharing `lock_dir`.
 
@@ -97,7 +101,8 @@ class GpuLease:
             time.sleep(self.poll_seconds)
 
     def _try_lock(self, device: int) -> bool:
-        fd = os.open(self.lock_dir / f"gpu{device}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        name = "cpu.lock" if device == CPU_SLOT else f"gpu{device}.lock"
+        fd = os.open(self.lock_dir / name, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
