@@ -361,10 +361,13 @@ def esm2_fp8_section(args) -> None:
 
     # multi_kernel: Inductor also generates whole-row ("persistent") reductions for rows up to 16k wide
     # and picks, per kernel, the faster of the two at run time (no gain at d5917d3: bench/BENCHMARKS.md).
-    variants = {"fp16": dict(fp8=False), "fp8_inductor_gelu": dict(fp8=True, inductor_gelu=True), "fp8": dict(fp8=True)}
-    if args.esm2_variants:
-        variants |= {"fp16_multi_kernel": dict(fp8=False, inductor={"triton.multi_kernel": 1}),
-                     "fp8_multi_kernel": dict(fp8=True, inductor={"triton.multi_kernel": 1})}
+    # max_autotune: Inductor also tries its own Triton GEMMs, into which it can fuse the bias and GELU.
+    variants = {"fp16": dict(fp8=False), "fp8_inductor_gelu": dict(fp8=True, inductor_gelu=True), "fp8": dict(fp8=True),
+                "fp16_multi_kernel": dict(fp8=False, inductor={"triton.multi_kernel": 1}),
+                "fp8_multi_kernel": dict(fp8=True, inductor={"triton.multi_kernel": 1}),
+                "fp16_max_autotune": dict(fp8=False, inductor={"max_autotune_gemm": True}),
+                "fp8_max_autotune": dict(fp8=True, inductor={"max_autotune_gemm": True})}
+    variants = {label: variants[label] for label in args.fp8_variants.split(",")}
     tokenizer = ESM2Tokenizer(1022)
     sets = {name: [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
             for name, seqs in protein_sets(random.Random(0), args.scale).items() if name != "proteome"}
@@ -437,6 +440,7 @@ def main() -> None:
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--esm2-variants", action="store_true", help="Also time bf16 and a fused-qkv candidate.")
     parser.add_argument("--fp8", action="store_true", help="Also ESM-2 with FP8 linear layers (Ada/Hopper), eager and compiled.")
+    parser.add_argument("--fp8-variants", default="fp16,fp8_inductor_gelu,fp8", help="The esm2_fp8 section's variants.")
     parser.add_argument("--dnabert-flex", action="store_true", help="Also time the FlexAttention back end.")
     parser.add_argument("--profile", action="store_true", help="Also record the top GPU kernels of one DNABERT-S pack.")
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU: checks this script, measures nothing.")
