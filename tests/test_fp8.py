@@ -183,3 +183,27 @@ def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_sentence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_fp8_device(torch.device("cuda"))  # Hopper
     check_fp8_device(torch.device("cpu"))
+
+
+def test_vnp_run_with_fp8_on_a_gpu_without_fp8_is_refused_at_the_door(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vnp_assets.cli import app
+
+    # A host with a Hopper (GPU 0) and an A100 (GPU 1), faked: this machine has no GPU.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0) if device.index == 0 else (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: ["NVIDIA H100", "NVIDIA A100-SXM4-80GB"][device.index])
+    fasta = tmp_path / "reads.fasta"
+    fasta.write_text(">r1\nACGTACGTAC\n")
+    home = tmp_path / "home"
+    refused = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--fp8"])
+    assert refused.exit_code == 1 and refused.output.strip() == (
+        "error: --fp8 on GPU 1: fp8 needs a GPU with FP8 tensor cores (Ada or Hopper, compute capability 8.9 or later); "
+        "NVIDIA A100-SXM4-80GB has 8.0: leave --fp8 out, or pick FP8 GPUs with --devices")
+    assert not home.exists()  # refused before anything was written
+    # The Hopper alone passes this check (and the run is then stopped by the next: --home is a file).
+    home.write_text("")
+    on_hopper = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--fp8", "--devices", "0"])
+    assert on_hopper.exit_code == 1 and "--fp8" not in on_hopper.output and "--home" in on_hopper.output

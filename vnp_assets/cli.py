@@ -298,16 +298,29 @@ def _device_list(devices: str) -> list[int]:
     return [int(entry) for entry in ids]
 
 
-def _check_gpus(gpu_ids: list[int] | None) -> None:
-    if gpu_ids is None:
+def _check_gpus(gpu_ids: list[int] | None, fp8: bool) -> None:
+    """`--devices` names GPUs of this host; with `--fp8`, each GPU the run may use has FP8 tensor cores."""
+    if gpu_ids is None and not fp8:
         return
     from vnp_core.gpu import discover_devices
 
     try:
-        discover_devices(gpu_ids)
+        usable = discover_devices(gpu_ids)
     except ValueError as error:
         raise DoorError(f"--devices {','.join(map(str, gpu_ids))}: {_one_line(str(error))}: "
                         "leave the option out to use every GPU there is") from error
+    if fp8 and usable:
+        import torch
+
+        from vnp_core.models.fp8 import check_fp8_device
+
+        every = discover_devices()  # physical ids in CUDA's order: a GPU's index here is its place in it
+        for device in usable:
+            try:
+                check_fp8_device(torch.device("cuda", every.index(device)))
+            except ValueError as error:
+                raise DoorError(f"--fp8 on GPU {device}: {error.args[0].removesuffix(': turn fp8 off')}: "
+                                "leave --fp8 out, or pick FP8 GPUs with --devices") from error
 
 
 def _stat(path: Path, what: str):  # noqa: ANN202
@@ -721,7 +734,7 @@ def run(
     for option, key in (("--esm2-model", "esm2_model"), ("--dnabert-s-model", "dnabert_s_model")):
         if models[key] is not None:
             _check_torch_pickles(models[key], option)
-    _check_gpus(gpu_ids)
+    _check_gpus(gpu_ids, fp8 and executor == "local")
     _check_output_dir(home, "--home")
     from vnp_assets.platform import home_storage
     from vnp_assets.samples import indexed_before
