@@ -549,3 +549,32 @@ def test_the_compile_cache_setting_leaves_torch_default_alone_when_unset(tmp_pat
     use_compile_cache(tmp_path / "compiled")
     assert cache_dir() == str(tmp_path / "compiled")
     assert triton_cache_dir(0) == str(tmp_path / "compiled" / "triton")
+
+
+class CompilingMeanEmbedding(MeanEmbedding):
+    """Looks its first pack's graph up in Inductor's cache, as a compiled model does: `hits` found, `misses` compiled."""
+
+    def __init__(self, hits: int, misses: int):
+        super().__init__()
+        self.lookups = {"fxgraph_cache_hit": hits, "fxgraph_cache_miss": misses}
+
+    def embed(self, batch) -> torch.Tensor:
+        from torch._dynamo.utils import counters
+
+        for counter, count in self.lookups.items():
+            counters["inductor"][counter] += count
+        self.lookups = {}  # traced once
+        return super().embed(batch)
+
+
+def test_a_compiled_models_first_pack_reports_its_graphs_from_the_compile_cache(tmp_path):
+    from dataclasses import replace
+
+    ids, sequences = proteins(12)
+    for job, (hits, misses) in enumerate([(0, 2), (3, 0)]):  # a cold cache, then a warm one, in one process
+        model = replace(fake_model(), module=CompilingMeanEmbedding(hits, misses), compiled=True)
+        stats = embed_sequences(model, ids, sequences, tmp_path / f"shard{job}.h5", config())
+        assert stats.graphs_at_first_pack == (hits, misses)
+        assert f"(Inductor graphs: {hits} from the compile cache, {misses} compiled anew)" in stats.summary()
+    uncompiled = embed_sequences(fake_model(), ids, sequences, tmp_path / "shard2.h5", config())
+    assert uncompiled.graphs_at_first_pack is None and "Inductor" not in uncompiled.summary()
