@@ -4,9 +4,9 @@ Each weight row (one output feature) is scaled into e4m3's range once, at load; 
 (one token) at every call. The quantisation of an activation is a row maximum and an elementwise
 divide, so when the layer is compiled it fuses into the op that produced the activation (LayerNorm)
 instead of being a pass of its own; after the GELU, whose rows are 4x wider, a kernel of our own
-does it (`fp8_gelu`). `torch._scaled_mm` accumulates in fp32 and returns the
-model's dtype with the bias added. Hopper (sm_90) and Ada (sm_89) GPUs have FP8 tensor cores; on
-the CPU, which the tests use, the same e4m3 values are multiplied in fp32.
+does it (`fp8_gelu`). `torch._scaled_mm` multiplies in the tensor cores and returns the model's
+dtype with the bias added. Hopper (sm_90) and Ada (sm_89) GPUs have FP8 tensor cores; on the CPU,
+which the tests use, the same e4m3 values are multiplied in fp32.
 """
 
 from __future__ import annotations
