@@ -27,9 +27,9 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 # Issue 18's budget for the product (vnp_core and vnp_assets): lines that hold code, that is, neither
 # blank nor only a comment nor inside a docstring. 5,500 then; +100 for issue 16's FP8 mode (its
 # layers, precision in the store's identity, and the validation's call agreement: ~130 lines); +50
-# for its GELU kernel (29 lines) and the lease of a GPU-less host's one slot; +10 for the compile
-# cache's hits and misses in a shard's log line.
-CODE_LINE_BUDGET = 5660
+# for its GELU kernel (29 lines) and the lease of a GPU-less host's one slot; +20 for the compile
+# cache's hits and misses in a shard's log line, and a failed validation's criteria in its error line.
+CODE_LINE_BUDGET = 5670
 
 
 def code_lines(source: str) -> int:

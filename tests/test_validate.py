@@ -12,6 +12,7 @@ from vnp_core.validate import (
     report_markdown,
     select_validation_chunks,
     select_validation_subset,
+    what_failed,
     write_report,
 )
 
@@ -101,6 +102,18 @@ def test_nan_inf_are_counted_and_fail():
 def test_nothing_compared_is_not_a_pass():
     assert not build_report({"esm2": comparison([])}, CONFIG, {})["passed"]
     assert not build_report({}, CONFIG, {})["passed"]
+
+
+def test_what_failed_names_each_missed_criterion_in_one_line():
+    def failed(per_model):
+        return what_failed(build_report(per_model, CONFIG, {}))
+
+    assert failed({"esm2": comparison([1.0] * 99 + [0.9999])}) == ""  # passed
+    assert failed({"esm2": comparison([1.0, 0.9995, 0.999, 0.997])}) == "esm2: 75.0% of cosines >= 0.999 (99% needed)"
+    assert failed({"dnabert_s": comparison([0.99] + [1.0] * 99)}) == "dnabert_s: lowest cosine 0.9900 (>= 0.995 needed)"
+    assert failed({"esm2": comparison([1.0, float("nan")], nonfinite=[False, True]), "dnabert_s": comparison([1.0])}) == (
+        "esm2: 1 vectors with NaN/Inf; esm2: 50.0% of cosines >= 0.999 (99% needed)")
+    assert failed({}) == "nothing was compared"
 
 
 def test_write_report_files_and_markdown(tmp_path):

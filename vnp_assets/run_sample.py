@@ -128,10 +128,11 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
         except DagsterAssetCheckFailedError as error:
             if asset != "fp16_validation_report":
                 raise
-            from vnp_core.validate import REPORT_FILE
+            from vnp_core.validate import REPORT_FILE, what_failed
 
-            raise ValueError(f"{asset}: the embeddings failed their comparison with the fp32 reference, so no calls "
-                             f"were made: see {layout.report_dir / REPORT_FILE}") from error
+            report = layout.report_dir / REPORT_FILE
+            raise ValueError(f"{asset}: the embeddings failed their comparison with the fp32 reference "
+                             f"[{what_failed(json.loads(report.read_text()))}], so no calls were made: see {report}") from error
 
     # A stage whose outputs are up to date is skipped (a rerun with another classifier embeds nothing and
     # loads no embedder); once one stage runs, every later one runs too.

@@ -7,7 +7,7 @@ at each sequence's first token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,12 +86,6 @@ def make_batch(token_ids: Sequence[np.ndarray], seq_index: Sequence[int]) -> Pac
         max_seqlen=int(lengths.max()),
         seq_index=torch.as_tensor(list(seq_index), dtype=torch.long),
     )
-
-
-def pack_sequences(token_ids: Sequence[np.ndarray], max_tokens: int) -> Iterator[PackedBatch]:
-    """Packs of at most `max_tokens` tokens, in input order, covering every sequence once."""
-    for pack in plan_packs([len(t) for t in token_ids], max_tokens):
-        yield make_batch([token_ids[i] for i in pack], pack)
 
 
 def split_batch(batch: PackedBatch) -> tuple[PackedBatch, PackedBatch]:

@@ -213,6 +213,22 @@ def build_report(per_model: dict[str, pl.DataFrame], config: ValidationConfig, c
     }
 
 
+def what_failed(report: dict) -> str:
+    """The report's failed criteria in one line, e.g. "esm2: lowest cosine 0.9812 (>= 0.99 needed)"."""
+    failed = []
+    for name, model in report["models"].items():
+        if model["nan_inf_count"]:
+            failed.append(f"{name}: {model['nan_inf_count']} vectors with NaN/Inf")
+        if model["cosine_min"] is not None and model["cosine_min"] < model["min_cosine_all"]:
+            failed.append(f"{name}: lowest cosine {model['cosine_min']:.4f} (>= {model['min_cosine_all']} needed)")
+        if model["fraction_at_or_above_p99_threshold"] < P99_FRACTION:
+            failed.append(f"{name}: {model['fraction_at_or_above_p99_threshold']:.1%} of cosines >= {model['min_cosine_p99']} "
+                          f"({P99_FRACTION:.0%} needed)")
+    if (calls := report.get("calls")) and calls["applies"] and not calls["passed"]:
+        failed.append(f"chunk calls: {calls['agreement']:.1%} as from fp32 ({calls['min_call_agreement']:.1%} needed)")
+    return "; ".join(failed) or ("nothing was compared" if not report["passed"] else "")
+
+
 def report_markdown(report: dict) -> str:
     """A short Markdown summary for the Dagster UI."""
     lines = [f"**{'PASSED' if report['passed'] else 'FAILED'}**: {_what_was_compared(report['context'])}", ""]
