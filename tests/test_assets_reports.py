@@ -98,7 +98,9 @@ def test_failing_report_blocks_the_predictions(vnp_resources: Resources, instanc
 
     report = materialize_for_sample(vnp_resources, instance, "fp16_validation_report", raise_on_error=False)
     assert not report.success
-    assert [(check.check_name, check.passed) for check in report.get_asset_check_evaluations()] == [("cosine_thresholds", False)]
+    [check] = report.get_asset_check_evaluations()
+    assert (check.check_name, check.passed) == ("cosine_thresholds", False)
+    assert check.metadata["missed"].text.startswith("dnabert_s: lowest cosine ")  # the flipped row's
     automation = evaluate_automation_conditions(defs, instance=instance, cursor=automation.cursor)
     assert automation.get_num_requested(AssetKey("virnucpro_predictions")) == 0
 

@@ -47,6 +47,7 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
         reference_embeddings,
         report_markdown,
         select_validation_chunks,
+        what_failed,
         write_report,
     )
 
@@ -100,6 +101,6 @@ def fp16_validation_report(context: AssetExecutionContext, storage: SampleStorag
             **({"call_agreement": MetadataValue.float(calls.agreement)} if calls else {}),
             **{f"{name}_file": MetadataValue.path(path) for name, path in files.items()},
         },
-        check_results=[AssetCheckResult(check_name="cosine_thresholds", passed=report["passed"],
-                                        metadata={**cosines, **({"call_agreement": calls.agreement} if calls else {})})],
+        check_results=[AssetCheckResult(check_name="cosine_thresholds", passed=report["passed"], metadata={
+            **cosines, **({"call_agreement": calls.agreement} if calls else {}), "missed": what_failed(report) or "nothing"})],
     )
