@@ -372,7 +372,6 @@ def esm2_fp8_section(args) -> None:
     sets = {name: [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
             for name, seqs in protein_sets(random.Random(0), args.scale).items() if name != "proteome"}
     reference = {name: vnp_embed(fp32, tokens[: args.accuracy_n], 16384) for name, tokens in sets.items()}
-    fused_gelu_check(cfg)
     for label, options in variants.items():
         try:
             with torch._inductor.config.patch(options.pop("inductor", {})):
@@ -389,29 +388,6 @@ def esm2_fp8_section(args) -> None:
             torch.cuda.empty_cache()
         except Exception as error:  # a failing variant is recorded, not fatal
             record(f"esm2_fp8_{label}", f"failed: {error!r}")
-
-
-def fused_gelu_check(cfg) -> None:
-    """The fused GELU + quantisation kernel against the eager ops, on fc1-shaped activations: how many
-    e4m3 values and scales differ, and the time of each (ms per 64k-token pack)."""
-    import torch.nn.functional as F
-
-    from vnp_core.models.fp8 import quantize_rows
-    if DEVICE != "cuda":
-        return record("esm2_fp8_fused_gelu_check", "cuda only")
-    from vnp_core.models.fp8_gelu import gelu_quantize_rows
-
-    x = (torch.randn(65536, 4 * cfg.embed_dim, device=DEVICE) * 1.5).half()
-    fused, expected = gelu_quantize_rows(x), quantize_rows(F.gelu(x))
-    compiled = torch.compile(lambda x: quantize_rows(F.gelu(x)), dynamic=True)
-    record("esm2_fp8_fused_gelu_check", {
-        "values_differing": int((fused[0].view(torch.uint8) != expected[0].view(torch.uint8)).sum()),
-        "scales_differing": int((fused[1] != expected[1]).sum()), "values": x.numel(),
-        "ms_fused": round(timed(lambda: gelu_quantize_rows(x), reps=10) * 1e3, 3),
-        "ms_eager": round(timed(lambda: quantize_rows(F.gelu(x)), reps=10) * 1e3, 3),
-        "ms_inductor": round(timed(lambda: compiled(x), reps=10) * 1e3, 3),
-        "ms_gelu_alone": round(timed(lambda: F.gelu(x), reps=10) * 1e3, 3),
-        "hbm_bytes": x.numel() * 3})
 
 
 def kernel_profile(module, token_ids: list[np.ndarray], max_tokens: int, top: int = 15) -> list[dict]:

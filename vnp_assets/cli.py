@@ -317,10 +317,9 @@ def _check_gpus(gpu_ids: list[int] | None, fp8: bool) -> None:
         every = discover_devices()  # physical ids in CUDA's order: a GPU's index here is its place in it
         for device in usable:
             try:
-                check_fp8_device(torch.device("cuda", every.index(device)))
+                check_fp8_device(torch.device("cuda", every.index(device)), "leave --fp8 out, or pick FP8 GPUs with --devices")
             except ValueError as error:
-                raise DoorError(f"--fp8 on GPU {device}: {error.args[0].removesuffix(': turn fp8 off')}: "
-                                "leave --fp8 out, or pick FP8 GPUs with --devices") from error
+                raise DoorError(f"--fp8 on GPU {device}: {error}") from error
 
 
 def _stat(path: Path, what: str):  # noqa: ANN202

@@ -75,12 +75,12 @@ class Fp8Linear(nn.Module):
                                 out_dtype=self.out_dtype, use_fast_accum=self.use_fast_accum)
 
 
-def check_fp8_device(device: torch.device) -> None:
-    """Refuse a GPU without FP8 tensor cores, in one sentence that says what to do."""
+def check_fp8_device(device: torch.device, what_to_do: str = "turn fp8 off") -> None:
+    """Refuse a GPU without FP8 tensor cores, in one sentence that ends with `what_to_do`."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CUDA_CAPABILITY:
         name = torch.cuda.get_device_name(device)
         raise ValueError(f"fp8 needs a GPU with FP8 tensor cores (Ada or Hopper, compute capability 8.9 or later); "
-                         f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: turn fp8 off")
+                         f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: {what_to_do}")
 
 
 def use_fp8_linears(module: nn.Module) -> None:
