@@ -111,7 +111,8 @@ class EmbedStats:
     load_seconds: float = 0.0
     waited_seconds: float = 0.0
     first_pack_seconds: float = 0.0
-    graphs_at_first_pack: tuple[int, int] | None = None  # compiled: Inductor graphs (from its cache, compiled anew)
+    # compiled: Inductor graphs at the first pack (from its cache, compiled anew) and seconds in torch.compile
+    compile_at_first_pack: tuple[int, int, float] | None = None
     rows_from_cache: int = 0  # rows whose vectors came from the embedding store (or repeat another row)
 
     def summary(self) -> str:
@@ -133,8 +134,9 @@ class EmbedStats:
             text += f"; the device waited {self.waited_seconds:.1f} s for them"
         if self.first_pack_seconds:
             text += f"; first pack done after {self.first_pack_seconds:.1f} s"
-        if self.graphs_at_first_pack:
-            text += " (Inductor graphs: {} from the compile cache, {} compiled anew)".format(*self.graphs_at_first_pack)
+        if self.compile_at_first_pack:
+            text += " (Inductor graphs: {} from the compile cache, {} compiled anew; {:.1f} s in torch.compile)".format(
+                *self.compile_at_first_pack)
         if self.truncated:
             text += f"; {self.truncated:,} inputs truncated"
         if self.rows_from_cache:
@@ -375,12 +377,12 @@ def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized
         checkpoint.update_attrs(shard_attrs)
         packs = [[resumed + i for i in pack] for pack in plan_packs(tokenized.lengths[resumed:], max_tokens)]
         rows, tokens, first_pack_seconds, graphs = resumed, 0, 0.0, None
-        graphs_before = _inductor_graph_lookups() if model.compiled else None
+        compile_before = _compile_work() if model.compiled else None
         with _CheckpointWriter(checkpoint, ids, config.checkpoint_rows) as writer:
             for vectors, pack_tokens in _embed_packs(model, tokenized, packs, ids):
                 if not first_pack_seconds:
                     first_pack_seconds = time.perf_counter() - start
-                    graphs = graphs_before and tuple(now - then for now, then in zip(_inductor_graph_lookups(), graphs_before))
+                    compile_work = compile_before and tuple(now - then for now, then in zip(_compile_work(), compile_before))
                 writer.add(vectors)
                 rows, tokens = rows + len(vectors), tokens + pack_tokens
                 if progress is not None:
@@ -394,16 +396,18 @@ def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized
         sequences=len(ids), tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
         sequences_per_s=(len(ids) - resumed) / seconds, truncated=tokenized.truncated, device=str(model.device),
         dtype=model.precision, attention_backend=model.attention_backend, max_tokens=max_tokens,
-        resumed_from_rows=resumed, first_pack_seconds=first_pack_seconds, compiled=model.compiled, graphs_at_first_pack=graphs,
+        resumed_from_rows=resumed, first_pack_seconds=first_pack_seconds, compiled=model.compiled, compile_at_first_pack=compile_work,
     )
 
 
-def _inductor_graph_lookups() -> tuple[int, int]:
-    """This process's lookups in Inductor's compiled-graph cache so far: (hits, misses). A step whose first
-    pack misses on a host that has compiled before has a compile cache that does not reach it."""
-    from torch._dynamo.utils import counters
+def _compile_work() -> tuple[int, int, float]:
+    """This process's lookups in Inductor's compiled-graph cache so far (hits, misses), and its seconds in
+    torch.compile. A step whose first pack misses on a host that has compiled before has a compile cache
+    that does not reach it; one that hits and still spends seconds there loads or checks its kernels."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
-    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    seconds = sum(compilation_time_metrics.get("_compile.compile_inner", ()))
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"], seconds
 
 
 def embed_with_cache(model: ModelDescription, ids: Sequence[str], tokenized: Tokenized, out_path: Path,

@@ -129,28 +129,39 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, x, plan: AttentionPlan, cos, sin):
-        heads = (x.shape[0], self.num_heads, self.head_dim)
-        q = apply_rotary(self.q_proj(x).view(heads), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(heads), cos, sin)
-        v = self.v_proj(x).view(heads)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # x: a tensor, or `Fp8Rows` in FP8 mode
+        heads = (q.shape[0], self.num_heads, self.head_dim)
+        q, k, v = apply_rotary(q.view(heads), cos, sin), apply_rotary(k.view(heads), cos, sin), v.view(heads)
         # fair-esm scales q before the rotation; rotation is linear, so scaling once in the kernel is the same.
         out = attend(q, k, v, plan, scale=self.head_dim**-0.5)
         return self.out_proj(out.flatten(1))
 
 
+class ResidualLayerNorm(nn.LayerNorm):
+    """LayerNorm of `x + delta`, returned with the sum: the residual add and the norm read the row once."""
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + delta
+        return x, super().forward(x)
+
+
 class TransformerLayer(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int):
         super().__init__()
-        self.self_attn_layer_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.self_attn_layer_norm = ResidualLayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.self_attn = SelfAttention(embed_dim, num_heads)
-        self.final_layer_norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.final_layer_norm = ResidualLayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
         self.activation = nn.GELU()  # exact erf
         self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
 
-    def forward(self, x, plan: AttentionPlan, cos, sin):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), plan, cos, sin)
-        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
+    def forward(self, x, delta, plan: AttentionPlan, cos, sin):
+        """The layer of `x + delta`, whose output it returns as the same pair: each residual add is left
+        to the LayerNorm that reads its sum, including the next layer's, which a compiled layer cannot
+        otherwise fuse (a whole pass over the activations per layer)."""
+        x, h = self.self_attn_layer_norm(x, delta)
+        x, h = self.final_layer_norm(x, self.self_attn(h, plan, cos, sin))
+        return x, self.fc2(self.activation(self.fc1(h)))
 
 
 class PackedESM2(nn.Module):
@@ -197,9 +208,10 @@ class PackedESM2(nn.Module):
 
         cos, sin = rotary_tables(batch.position_ids, self.cfg.head_dim, x.dtype)
         plan = plan_attention(self.attention_backend, cu_seqlens, x.shape[0], batch.max_seqlen, x.dtype)
+        delta = torch.zeros_like(x)  # a tensor, not None: the first layer runs the others' compiled graph
         for layer in self.layers:
-            x = layer(x, plan, cos, sin)
-        return self.emb_layer_norm_after(x)
+            x, delta = layer(x, delta, plan, cos, sin)
+        return self.emb_layer_norm_after(x + delta)
 
     def compile_layers(self) -> None:
         """Fuse each layer's elementwise work with torch.compile; shapes vary per pack, hence dynamic."""
