@@ -91,7 +91,7 @@ class Fp8Linear(nn.Module):
             if x.is_cuda:
                 from vnp_core.models.fp8_kernels import quantize_activation_rows
 
-                x = Fp8Rows(*quantize_activation_rows(x))
+                x = Fp8Rows(*quantize_activation_rows(x.reshape(-1, self.weight.shape[1])))  # a static width, as Triton needs
             else:
                 x = Fp8Rows(*quantize_rows(x))
         x8, x_scale = x

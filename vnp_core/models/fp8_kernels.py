@@ -102,7 +102,6 @@ ELEMENTS_PER_THREAD = 40
 def row_blocks(n_cols: int) -> dict[str, int]:
     """A row of `n_cols` as its largest power-of-two block and a power-of-two block for the rest,
     and the warps that give each thread about `ELEMENTS_PER_THREAD` of it."""
-    n_cols = int(n_cols)  # under torch.compile a symbolic width: the kernel is specialised to it
     head = 1 << (n_cols.bit_length() - 1)
     tail = triton.next_power_of_2(n_cols - head) if n_cols > head else 1
     return {"HEAD": head, "TAIL": tail, "num_warps": min(16, max(1, triton.next_power_of_2(n_cols // ELEMENTS_PER_THREAD) // 32))}
@@ -125,12 +124,14 @@ def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def add_layer_norm_quantize_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`x + delta` and `quantize_rows(F.layer_norm(x + delta, ...))` for CUDA (M, K) x and delta, in one kernel."""
-    x, delta = x.contiguous(), delta.contiguous()
+    # The width from the weight: under torch.compile x's may be symbolic, which a Triton launch cannot take.
+    width = weight.shape[0]
+    x, delta = x.contiguous().view(-1, width), delta.contiguous().view(-1, width)
     total = torch.empty_like(x)
     out, scale = _rows_out(x)
     if x.shape[0]:
-        _add_layer_norm_quantize_rows_kernel[(x.shape[0],)](x, delta, total, weight, bias, out, scale, x.shape[1], eps,
-                                                            E4M3_MAX=E4M3_MAX, TINY=TINY, **row_blocks(x.shape[1]))
+        _add_layer_norm_quantize_rows_kernel[(x.shape[0],)](x, delta, total, weight, bias, out, scale, width, eps,
+                                                            E4M3_MAX=E4M3_MAX, TINY=TINY, **row_blocks(width))
     return total, out, scale
 
 
