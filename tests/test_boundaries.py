@@ -28,8 +28,10 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 # blank nor only a comment nor inside a docstring. 5,500 then; +100 for issue 16's FP8 mode (its
 # layers, precision in the store's identity, and the validation's call agreement: ~130 lines); +50
 # for its GELU kernel (29 lines) and the lease of a GPU-less host's one slot; +20 for the compile
-# cache's hits and misses in a shard's log line, and a failed validation's criteria in its error line.
-CODE_LINE_BUDGET = 5670
+# cache's hits and misses in a shard's log line, and a failed validation's criteria in its error line;
+# +20 for ESM-2's residual adds left to the next LayerNorm, the GELU kernel's rows in two blocks and
+# the seconds compiling at a shard's first pack.
+CODE_LINE_BUDGET = 5690
 
 
 def code_lines(source: str) -> int:

@@ -2,8 +2,9 @@
 
 Each weight row (one output feature) is scaled into e4m3's range once, at load; each activation row
 (one token) at every call. The quantisation of an activation is a row maximum and an elementwise
-divide: on a GPU, kernels of our own (`fp8_kernels`) fuse it into the op that produced the
-activation (the residual add and LayerNorm, the GELU), so it is not a pass of its own.
+divide, so when the layer is compiled it fuses into the op that produced the activation (the
+residual add and LayerNorm) instead of being a pass of its own; after the GELU, whose rows are 4x
+wider, a kernel of our own does it (`fp8_gelu`).
 `torch._scaled_mm` multiplies in the tensor cores and returns the model's dtype with the bias added.
 Hopper (sm_90) and Ada (sm_89) GPUs have FP8 tensor cores; on the CPU, which the tests use, the same
 e4m3 values are multiplied in fp32.
@@ -17,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vnp_core.models.esm2 import ResidualLayerNorm
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 MIN_CUDA_CAPABILITY = (8, 9)
@@ -44,29 +44,10 @@ class Fp8Gelu(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Fp8Rows:
         if x.is_cuda:
-            from vnp_core.models.fp8_kernels import gelu_quantize_rows
+            from vnp_core.models.fp8_gelu import gelu_quantize_rows
 
             return Fp8Rows(*gelu_quantize_rows(x))
         return Fp8Rows(*quantize_rows(F.gelu(x)))
-
-
-class Fp8ResidualLayerNorm(ResidualLayerNorm):
-    """A `ResidualLayerNorm` whose normalised output only `Fp8Linear`s read: quantised as it is computed."""
-
-    @classmethod
-    def replacing(cls, norm: ResidualLayerNorm) -> Fp8ResidualLayerNorm:
-        fp8_norm = cls(norm.normalized_shape, eps=norm.eps, device="meta")
-        fp8_norm.weight, fp8_norm.bias = norm.weight, norm.bias
-        return fp8_norm
-
-    def forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, Fp8Rows]:
-        if x.is_cuda:
-            from vnp_core.models.fp8_kernels import add_layer_norm_quantize_rows
-
-            total, values, scale = add_layer_norm_quantize_rows(x, delta, self.weight, self.bias, self.eps)
-            return total, Fp8Rows(values, scale)
-        total, normed = super().forward(x, delta)
-        return total, Fp8Rows(*quantize_rows(normed))
 
 
 class Fp8Linear(nn.Module):
@@ -87,14 +68,7 @@ class Fp8Linear(nn.Module):
         self.out_dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        if not isinstance(x, Fp8Rows):
-            if x.is_cuda:
-                from vnp_core.models.fp8_kernels import quantize_activation_rows
-
-                x = Fp8Rows(*quantize_activation_rows(x.reshape(-1, self.weight.shape[1])))  # a static width, as Triton needs
-            else:
-                x = Fp8Rows(*quantize_rows(x))
-        x8, x_scale = x
+        x8, x_scale = x if isinstance(x, Fp8Rows) else quantize_rows(x)
         if not x8.is_cuda:  # CPU builds of torch differ in the scales `_scaled_mm` takes: the same products in fp32
             out = (x8.float() * x_scale) @ (self.weight.float() * self.weight_scale.T).T
             return (out if self.bias is None else out + self.bias.float()).to(self.out_dtype)
@@ -112,13 +86,10 @@ def check_fp8_device(device: torch.device, what_to_do: str = "turn fp8 off") -> 
 
 def use_fp8_linears(module: nn.Module) -> None:
     """Replace every `nn.Linear` below `module` by its `Fp8Linear` (the half-precision weights are freed),
-    every `nn.GELU` by an `Fp8Gelu` and every `ResidualLayerNorm` by an `Fp8ResidualLayerNorm`: in
-    ESM-2's layers the outputs of both are only ever linear layers' inputs."""
+    and every `nn.GELU` by an `Fp8Gelu`: in ESM-2 a GELU's output is always a linear layer's input."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Fp8Linear(child))
             elif isinstance(child, nn.GELU) and child.approximate == "none":
                 setattr(parent, name, Fp8Gelu())
-            elif type(child) is ResidualLayerNorm:
-                setattr(parent, name, Fp8ResidualLayerNorm.replacing(child))
