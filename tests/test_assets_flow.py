@@ -71,10 +71,13 @@ def test_vnp_run_until_embeddings_stops_after_the_shards(tmp_path: Path, capfd: 
     fasta = tmp_path / "flu.fasta"
     shutil.copyfile(FLU, fasta)
     run = run_sample(fasta, home=tmp_path / "home", num_shards=2, until="embeddings")
-    # One worker here (no GPU) runs both shards: each step's device process was a spare started ahead.
+    # No GPU here, so one step at a time: this process ran both shards (no worker to start), and each
+    # step's device process was a spare started ahead.
     device_log = capfd.readouterr().err
     assert device_log.count("embed_shards ready to run") == 2
     assert device_log.count("(a spare: interpreter and imports done ahead)") == 2
+    with DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert {run.tags[PID_TAG] for run in instance.get_runs()} == {str(os.getpid())}
     assert list(run.stage_seconds) == ["sequence_index", "embeddings (2 steps of 2 models)"]
     sample = tmp_path / "home" / "storage" / "samples" / "flu"
     assert run.outputs["embedding shards"] == sample / "embeddings" and "merged embeddings" not in run.outputs
@@ -90,6 +93,9 @@ def test_vnp_run_carries_a_file_to_predictions(tmp_path: Path, capfd: pytest.Cap
     fasta = tmp_path / "flu.fasta"
     shutil.copyfile(FLU, fasta)
     home = tmp_path / "home"
+    import vnp_assets.run_sample
+
+    monkeypatch.setattr(vnp_assets.run_sample, "MERGE_BESIDE_MIN_ROWS", 0)  # a sample whose merge is worth a worker
 
     run = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--shards", "1"])
 

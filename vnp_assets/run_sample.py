@@ -2,11 +2,14 @@
 
 No daemon and no web server: the steps are materialized here, in graph order, and recorded in the
 instance at `home` (SQLite), so `DAGSTER_HOME=<home> dagster dev` shows their runs, metadata and
-checks afterwards. The embedding steps (one per shard, both models) run side by side, one process
-each, as many at once as there are usable GPUs (one on a CPU-only host); each step still takes its
-own GPU lease. Processes rather than threads: Dagster's in-process execution is not thread-safe.
-Those processes start while the index is built, so their imports, and those of each one's spare
-device process (`start_spare_device_process`), are paid before the GPUs wait.
+checks afterwards. The embedding steps (one per shard, both models) run side by side, one worker
+process each, as many at once as there are usable GPUs; each step still takes its own GPU lease.
+Processes rather than threads: Dagster's in-process execution is not thread-safe. Those processes
+start while the index is built, so their imports, and those of each one's spare device process
+(`start_spare_device_process`), are paid before the GPUs wait. Where one step runs at a time (one
+GPU, a CPU-only host, one shard), they run here instead: a worker's start (3.5 s on a small host)
+was most of a small sample's embedding stage. Its device process is then started before the home
+is prepared, and a large sample gets one worker for its merge (`MERGE_BESIDE_MIN_ROWS`).
 
 Kills: the worker processes and every device process die with `vnp run` (`exit_with_parent`),
 however it is stopped. Each run is tagged with the host, pid and start time of the process that
@@ -28,7 +31,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
@@ -101,6 +104,9 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
     storage, processing, models, gpus = (resources[key] for key in ("storage", "processing", "models", "gpus"))
     defs = build_definitions(resources)
     slots = max(1, gpus.slot_count)
+    if until != "sequence_index" and min(slots, processing.num_shards) == 1 and not storage.layout(name).index.exists():
+        # A new sample, embedded one step at a time here: the step's process imports while the home is prepared.
+        start_next_gpu_process(gpus, embedding_imports(gpus))
     # The same home serves `dagster dev`, whose runs queue their GPU steps on the `gpu` pool sized here.
     instance = prepare_home(home, gpu_slots=slots)
     reclaim_dead_runs(instance)
@@ -149,24 +155,37 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
     later_up_to_date = []
     while not shards and later and fresh(later[0], sample, made[later[0]]):  # after embedding steps, all run
         later_up_to_date.append(later.pop(0))
-    with shard_workers(gpus, worker_count, home) if shards else nullcontext() as workers:
+    # Steps side by side run in worker processes; one at a time, here (a worker's start would be waited for).
+    side_by_side = worker_count > 1
+    if shards and not side_by_side:
+        start_next_gpu_process(gpus, embedding_imports(gpus))  # its imports meanwhile the index is built
+    with ExitStack() as workers_open:
+        workers = workers_open.enter_context(shard_workers(gpus, worker_count, home)) if side_by_side else None
         if rerun:
             stage("sequence_index", materialize_sample, "sequence_index")
         else:
             run.up_to_date.append("sequence_index")
+        merge_beside = later[:2] == ["merged_embeddings", "fp16_validation_report"]
         if shards:
-            if local and "fp16_validation_report" in later:
-                start_spare_device_process(REFERENCE_MODULES)  # the validation's, ready when the embeddings are
-            stage(f"embeddings ({len(shards)} steps of {len(MODELS)} models)", embed_all_shards, workers,
-                  worker_count, home, fields, sample, shards, console)
+            embedding_stage = f"embeddings ({len(shards)} steps of {len(MODELS)} models)"
+            if side_by_side:
+                if local and "fp16_validation_report" in later:
+                    start_spare_device_process(REFERENCE_MODULES)  # the validation's, ready when the embeddings are
+                stage(embedding_stage, embed_all_shards, workers, worker_count, home, fields, sample, shards, console)
+            else:
+                if merge_beside and index_rows(layout.index) >= MERGE_BESIDE_MIN_ROWS:
+                    workers = workers_open.enter_context(merge_worker(home))  # ready by the embeddings' end
+                stage(embedding_stage, embed_shards_here, defs, instance, gpus, sample, shards, console)
         elif until != "sequence_index":
             run.up_to_date.append("embeddings")
         run.up_to_date += later_up_to_date
-        if workers is not None and later[:2] == ["merged_embeddings", "fp16_validation_report"]:
-            # Both read the shards: the merge (CPU) runs in a shard worker while the validation (a GPU step) runs here.
+        if workers is not None and merge_beside:
+            # Both read the shards: the merge (CPU) runs in a worker while the validation (a GPU step) runs here.
             merging = workers.submit(materialize_sample_step, str(home), fields, sample, "merged_embeddings", console)
             if not local:  # not earlier: an actor started ahead holds its GPU from the start
                 start_ray_actor_ahead(gpus, REFERENCE_MODULES)
+            elif not side_by_side:
+                start_spare_device_process(REFERENCE_MODULES)
             stage("fp16_validation_report", materialize_sample, "fp16_validation_report")
             waiting = time.perf_counter()
             if failure := merging.result():
@@ -212,15 +231,55 @@ def resource_fields(resources: dict) -> dict[str, dict]:
     return {key: resource.model_dump() for key, resource in resources.items()}
 
 
-@contextmanager
-def shard_workers(gpus: GpuPool, worker_count: int, home: Path) -> Iterator[ProcessPoolExecutor]:
-    """`worker_count` processes for the embedding steps (one per usable GPU), started now and made ready for them."""
+def embedding_imports(gpus: GpuPool) -> list[str]:
+    """What an embedding step's device process (or Ray actor) imports ahead of its step."""
     from vnp_core.engine import COMPILER_MODULES, EMBED_SHARDS_MODULES
 
     compiles = gpus.ray_device == "cuda" if gpus.executor == "ray" else bool(gpus.usable_devices)
-    imports = [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if compiles else ())]
+    return [*EMBED_SHARDS_MODULES, *(COMPILER_MODULES if compiles else ())]
+
+
+def start_next_gpu_process(gpus: GpuPool, imports: Sequence[str]) -> None:
+    """Start what this process's next GPU step runs in, ahead of it: a spare device process on this
+    host, or the step's actor on the Ray cluster."""
+    if gpus.executor == "ray":
+        start_ray_actor_ahead(gpus, imports)
+    else:
+        start_spare_device_process(imports)
+
+
+# From about this many index rows the merge (34 us a row: 22 s for the 639,204 of a 450k-read sample)
+# takes longer than a worker process's start (3-5 s): a sample embedded here gets one for its merge.
+MERGE_BESIDE_MIN_ROWS = 100_000
+
+
+def index_rows(index: Path) -> int:
+    import polars as pl
+
+    return pl.scan_parquet(index).select(pl.len()).collect().item()
+
+
+@contextmanager
+def merge_worker(home: Path) -> Iterator[ProcessPoolExecutor]:
+    """One process for the merge, started now and made ready for it (no device process: it needs none)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare_merge_worker,
+                             initargs=(str(home), os.getpid())) as pool:
+        pool.submit(int)
+        yield pool
+
+
+def _prepare_merge_worker(home: str, parent_pid: int) -> None:
+    exit_with_parent(parent_pid)
+    import vnp_assets.assets  # noqa: F401
+
+    worker_instance(home)
+
+
+@contextmanager
+def shard_workers(gpus: GpuPool, worker_count: int, home: Path) -> Iterator[ProcessPoolExecutor]:
+    """`worker_count` processes for the embedding steps (one per usable GPU), started now and made ready for them."""
     with ProcessPoolExecutor(worker_count, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare_step_worker,
-                             initargs=(gpus.model_dump(), str(home), os.getpid(), imports)) as pool:
+                             initargs=(gpus.model_dump(), str(home), os.getpid(), embedding_imports(gpus))) as pool:
         for _ in range(worker_count):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
@@ -241,13 +300,11 @@ def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int, imports: 
     exit_with_parent(parent_pid)
     global _start_spare
     gpus = GpuPool(**gpu_fields)
-    if gpus.executor == "ray":
-        _start_spare = partial(start_ray_actor_ahead, gpus, imports)
-    else:
+    if gpus.executor == "local":
         from vnp_core.gpu import discover_devices
 
         discover_devices(gpus.devices)  # the step's lease counts the GPUs again: the driver is up by then
-        _start_spare = partial(start_spare_device_process, imports)
+    _start_spare = partial(start_next_gpu_process, gpus, imports)
     _start_spare()
     import vnp_assets.assets  # noqa: F401
 
@@ -275,7 +332,25 @@ def embed_all_shards(workers: ProcessPoolExecutor, worker_count: int, home: Path
     outcomes = [workers.submit(materialize_shard, str(home), resource_fields, sample, shard, console=console,
                                spare_after=position < len(shards) - worker_count)
                 for position, shard in enumerate(shards)]
-    if failures := [failure for outcome in outcomes if (failure := outcome.result()) is not None]:
+    _raise_failures([outcome.result() for outcome in outcomes])
+
+
+def embed_shards_here(defs: Definitions, instance: DagsterInstance, gpus: GpuPool, sample: str, shards: Sequence[int],
+                      console: dict) -> None:
+    """The embedding steps one after another in this process, where one GPU (or the CPU) takes one at a
+    time: no worker process to start. Each step's device process (or actor) was started ahead."""
+    failures = []
+    for position, shard in enumerate(shards):
+        failure = execute_assets(defs, instance, "embed_shard", sample_shard_key(sample, shard),
+                                 [f"{model}_embeddings" for model in MODELS], console)
+        failures.append(None if failure is None else f"shard {shard} of {sample}: {failure}")
+        if position < len(shards) - 1:
+            start_next_gpu_process(gpus, embedding_imports(gpus))
+    _raise_failures(failures)
+
+
+def _raise_failures(failures: Sequence[str | None]) -> None:
+    if failures := [failure for failure in failures if failure is not None]:
         raise RuntimeError("embedding steps failed (rerun `vnp run`: finished shards are kept):\n" + "\n".join(failures))
 
 
@@ -286,8 +361,9 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
 
     `spare_after`: start a spare device process once the step is done, for the worker's next step.
     """
-    failure = _execute_in_worker(home, resource_fields, "embed_shard", sample_shard_key(sample, shard),
-                                 [f"{model}_embeddings" for model in models], console or console_at("INFO"))
+    failure = execute_assets(worker_definitions(json.dumps(resource_fields, sort_keys=True)), worker_instance(home),
+                             "embed_shard", sample_shard_key(sample, shard), [f"{model}_embeddings" for model in models],
+                             console or console_at("INFO"))
     if spare_after and _start_spare is not None:
         _start_spare()
     return None if failure is None else f"shard {shard} of {sample}: {failure}"
@@ -296,15 +372,16 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
 def materialize_sample_step(home: str, resource_fields: dict[str, dict], sample: str, asset: str,
                             console: dict) -> str | None:
     """In a worker process: `asset` of `sample` (a `finish_sample` step). Its error text if it failed."""
-    return _execute_in_worker(home, resource_fields, "finish_sample", sample, [asset], console)
+    return execute_assets(worker_definitions(json.dumps(resource_fields, sort_keys=True)), worker_instance(home),
+                          "finish_sample", sample, [asset], console)
 
 
-def _execute_in_worker(home: str, resource_fields: dict[str, dict], job: str, partition_key: str,
-                       assets: Sequence[str], console: dict) -> str | None:
-    """`assets` of one partition through `job`, in this worker, recorded in the instance at `home`;
-    the failed steps' error text, or None."""
-    result = worker_definitions(json.dumps(resource_fields, sort_keys=True)).resolve_job_def(job).execute_in_process(
-        partition_key=partition_key, asset_selection=[AssetKey(asset) for asset in assets], instance=worker_instance(home),
+def execute_assets(defs: Definitions, instance: DagsterInstance, job: str, partition_key: str, assets: Sequence[str],
+                   console: dict) -> str | None:
+    """`assets` of one partition through `job`, in this process, recorded in `instance`; the failed
+    steps' error text, or None."""
+    result = defs.resolve_job_def(job).execute_in_process(
+        partition_key=partition_key, asset_selection=[AssetKey(asset) for asset in assets], instance=instance,
         run_config=console, raise_on_error=False, tags=vnp_run_tags())
     if result.success:
         return None
