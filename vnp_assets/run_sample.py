@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
 
+import polars as pl
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DagsterRunStatus, Definitions
 from dagster._core.errors import DagsterAssetCheckFailedError  # not exported at the top level in 1.13
 
@@ -173,7 +174,7 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
                     start_spare_device_process(REFERENCE_MODULES)  # the validation's, ready when the embeddings are
                 stage(embedding_stage, embed_all_shards, workers, worker_count, home, fields, sample, shards, console)
             else:
-                if merge_beside and index_rows(layout.index) >= MERGE_BESIDE_MIN_ROWS:
+                if merge_beside and pl.scan_parquet(layout.index).select(pl.len()).collect().item() >= MERGE_BESIDE_MIN_ROWS:
                     workers = workers_open.enter_context(merge_worker(home))  # ready by the embeddings' end
                 stage(embedding_stage, embed_shards_here, defs, instance, gpus, sample, shards, console)
         elif until != "sequence_index":
@@ -251,12 +252,6 @@ def start_next_gpu_process(gpus: GpuPool, imports: Sequence[str]) -> None:
 # From about this many index rows the merge (34 us a row: 22 s for the 639,204 of a 450k-read sample)
 # takes longer than a worker process's start (3-5 s): a sample embedded here gets one for its merge.
 MERGE_BESIDE_MIN_ROWS = 100_000
-
-
-def index_rows(index: Path) -> int:
-    import polars as pl
-
-    return pl.scan_parquet(index).select(pl.len()).collect().item()
 
 
 @contextmanager
