@@ -277,7 +277,9 @@ def shard_metadata(home: Path) -> dict[str, dict]:
                 metadata = record.asset_materialization.metadata
                 shards[f"{kind} {record.asset_materialization.partition}"] = {
                     key: metadata[key].value for key in ("rows", "tokens", "seconds", "tokens_per_s", "model_load_seconds",
-                                                         "compiled_layers", "device_waited_seconds", "first_pack_seconds", "device")
+                                                         "compiled_layers", "device_waited_seconds", "first_pack_seconds",
+                                                         "compiled_graphs_from_cache", "compiled_graphs_anew",
+                                                         "compile_seconds_at_first_pack", "device")
                     if key in metadata}
     return shards
 

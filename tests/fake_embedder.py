@@ -50,6 +50,7 @@ class FakeEmbedStats:
     waited_seconds: float = 0.0
     rows_from_cache: int = 0
     first_pack_seconds: float = 0.0
+    compile_at_first_pack: tuple[int, int, float] | None = None
 
     def summary(self) -> str:
         return f"fake: {self.sequences} sequences"

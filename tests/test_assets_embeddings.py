@@ -175,3 +175,14 @@ def test_failed_blocking_check_keeps_merged_embeddings_from_running(
     metadata = merged.asset_materializations_for_node("merged_embeddings")[0].metadata
     assert metadata["sequences"].value == pl.read_parquet(layout.index).height
     assert metadata["esm2_dim"].value == metadata["dnabert_s_dim"].value == WIDTH
+
+
+def test_a_compiled_shards_metadata_says_what_its_first_pack_compiled():
+    from fake_embedder import FakeEmbedStats
+
+    compiled = embeddings_module._stats_metadata(FakeEmbedStats(10, "float16", compiled=True,
+                                                                compile_at_first_pack=(1, 0, 2.5)), "GPU 0")
+    assert (compiled["compiled_graphs_from_cache"], compiled["compiled_graphs_anew"],
+            compiled["compile_seconds_at_first_pack"]) == (1, 0, 2.5)
+    uncompiled = embeddings_module._stats_metadata(FakeEmbedStats(10, "float16"), "cpu")
+    assert "compiled_graphs_anew" not in uncompiled and uncompiled["device"] == "cpu"

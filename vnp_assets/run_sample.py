@@ -380,6 +380,9 @@ def execute_assets(defs: Definitions, instance: DagsterInstance, job: str, parti
         run_config=console, raise_on_error=False, tags=vnp_run_tags())
     if result.success:
         return None
+    if any(event.step_failure_data.error.cls_name == "DagsterExecutionInterruptedError"
+           for event in result.get_step_failure_events()):
+        raise KeyboardInterrupt  # a stop asked of this process (Ctrl-C, `kill`), not a step's failure
     return "\n".join([event.step_failure_data.error.to_string() for event in result.get_step_failure_events()]
                      or [f"the {job} run of {partition_key} failed"])
 

@@ -116,6 +116,8 @@ def _stats_metadata(stats, where: str) -> dict:
         "compiled_layers": stats.compiled,
         "device_waited_seconds": stats.waited_seconds,
         "first_pack_seconds": stats.first_pack_seconds,
+        **dict(zip(("compiled_graphs_from_cache", "compiled_graphs_anew", "compile_seconds_at_first_pack"),
+                   stats.compile_at_first_pack or ())),
         "device": where,
         "dtype": stats.dtype,
         "attention_backend": stats.attention_backend,
