@@ -175,6 +175,20 @@ def test_spare_device_process_is_bound_to_the_leased_gpu_when_called(spare, four
     assert second[0] != first[0]
 
 
+def test_a_spare_asked_for_once_taken_starts_when_the_waiting_one_is_taken(four_gpus):
+    import vnp_core.gpu
+
+    start_spare_device_process([PRELOADED])
+    first = vnp_core.gpu._spare
+    start_spare_device_process(["torch"], once_taken=True)
+    assert vnp_core.gpu._spare is first  # not yet: its imports would compete with the waiting spare's
+    assert run_in_device_process(_process_facts, device=1)[:3] == (first.pid, "1", True)
+    second = vnp_core.gpu._spare
+    assert second is not None and second is not first  # started when the first one's call took it
+    assert run_in_device_process(_process_facts, device=2)[:3] == (second.pid, "2", False)
+    assert vnp_core.gpu._spare is None  # asked for once
+
+
 def test_spare_that_died_waiting_is_replaced_by_a_fresh_process(four_gpus):
     start_spare_device_process([PRELOADED])
     import vnp_core.gpu

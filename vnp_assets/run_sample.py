@@ -176,7 +176,11 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
             else:
                 if merge_beside and pl.scan_parquet(layout.index).select(pl.len()).collect().item() >= MERGE_BESIDE_MIN_ROWS:
                     workers = workers_open.enter_context(merge_worker(home))  # ready by the embeddings' end
-                stage(embedding_stage, embed_shards_here, defs, instance, gpus, sample, shards, console)
+                # On a GPU host the validation's device process imports while the last shard computes on
+                # its GPU; on a CPU-only host those imports would slow the embedding beside them.
+                overlap = local and bool(gpus.usable_devices) and "fp16_validation_report" in later
+                stage(embedding_stage, embed_shards_here, defs, instance, gpus, sample, shards, console,
+                      REFERENCE_MODULES if overlap else None)
         elif until != "sequence_index":
             run.up_to_date.append("embeddings")
         run.up_to_date += later_up_to_date
@@ -186,7 +190,7 @@ def _run_sample_locked(input: Path, name: str, home: Path, until: str, resources
             if not local:  # not earlier: an actor started ahead holds its GPU from the start
                 start_ray_actor_ahead(gpus, REFERENCE_MODULES)
             elif not side_by_side:
-                start_spare_device_process(REFERENCE_MODULES)
+                start_spare_device_process(REFERENCE_MODULES)  # already running on a GPU host
             stage("fp16_validation_report", materialize_sample, "fp16_validation_report")
             waiting = time.perf_counter()
             if failure := merging.result():
@@ -331,11 +335,14 @@ def embed_all_shards(workers: ProcessPoolExecutor, worker_count: int, home: Path
 
 
 def embed_shards_here(defs: Definitions, instance: DagsterInstance, gpus: GpuPool, sample: str, shards: Sequence[int],
-                      console: dict) -> None:
+                      console: dict, then: Sequence[str] | None = None) -> None:
     """The embedding steps one after another in this process, where one GPU (or the CPU) takes one at a
-    time: no worker process to start. Each step's device process (or actor) was started ahead."""
+    time: no worker process to start. Each step's device process (or actor) was started ahead; the
+    next local GPU step's, importing `then`, starts when the last one's takes its spare."""
     failures = []
     for position, shard in enumerate(shards):
+        if then is not None and position == len(shards) - 1:
+            start_spare_device_process(then, once_taken=True)
         failure = execute_assets(defs, instance, "embed_shard", sample_shard_key(sample, shard),
                                  [f"{model}_embeddings" for model in MODELS], console)
         failures.append(None if failure is None else f"shard {shard} of {sample}: {failure}")

@@ -165,12 +165,13 @@ def run_in_device_process(fn: Callable[..., Any], /, *args, device: int | None, 
     raise value
 
 
-# This process's spare device process, if it has one.
+# This process's spare device process, if it has one, and what the one after it imports (`once_taken`).
 _spare: subprocess.Popen | None = None
+_next_preload: tuple[str, ...] | None = None
 _spare_lock = threading.Lock()
 
 
-def start_spare_device_process(preload: Sequence[str] = ()) -> None:
+def start_spare_device_process(preload: Sequence[str] = (), *, once_taken: bool = False) -> None:
     """Start now the interpreter that this process's next `run_in_device_process` will use.
 
     A device process spends seconds on its interpreter and imports before any work (4.2-5.1 s on an
@@ -181,12 +182,15 @@ def start_spare_device_process(preload: Sequence[str] = ()) -> None:
     A spare serves one call; start the next one when its imports will not compete for the CPU with
     work in progress (on a small CPU-only host they slowed the embedding beside them by a fifth to a quarter).
     A spare leaves when its parent does (its stdin closes; busy, `exit_with_parent` ends it); it keeps the
-    environment of its start.
+    environment of its start. `once_taken`: where a spare is waiting, start this one when that one's
+    call takes it, so its imports overlap that call's work rather than compete with the first imports.
     """
-    global _spare
+    global _spare, _next_preload
     with _spare_lock:
         if _spare is None or _spare.poll() is not None:
             _spare = _launch({"CUDA_VISIBLE_DEVICES": ""}, preload, spare=True)
+        elif once_taken:
+            _next_preload = tuple(preload)
 
 
 def stop_spare_device_process() -> None:
@@ -199,9 +203,12 @@ def stop_spare_device_process() -> None:
 
 
 def _take_spare() -> subprocess.Popen | None:
-    global _spare
+    global _spare, _next_preload
     with _spare_lock:
         spare, _spare = _spare, None
+        following, _next_preload = _next_preload, None
+    if following is not None:
+        start_spare_device_process(following)
     if spare is None or spare.poll() is not None:  # none started, or it died waiting
         return None
     return spare
