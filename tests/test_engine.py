@@ -206,6 +206,25 @@ def test_run_killed_mid_way_resumes_to_the_same_shard(tmp_path):
     np.testing.assert_array_equal(resumed.embeddings, uninterrupted.embeddings)
 
 
+def test_a_checkpoint_holding_every_row_is_finished_without_embedding(tmp_path):
+    """Killed after its last checkpoint and before the shard was written: the rerun only writes it."""
+    from vnp_core.engine import input_fingerprint, tokenize
+
+    ids, sequences = proteins(12)
+    embed_sequences(fake_model(), ids, sequences, tmp_path / "whole.h5", config())
+    whole = read_embeddings(tmp_path / "whole.h5")
+    model, out = fake_model(), tmp_path / "shard.h5"
+    fingerprint = input_fingerprint(model, ids, tokenize(model.tokenizer, ids, sequences, 0))
+    checkpoint = ShardCheckpoint.open(out, fingerprint, embed_dim=whole.embeddings.shape[1])
+    checkpoint.append(ids, whole.embeddings)
+    checkpoint.flush_durable()
+    checkpoint.close()
+
+    stats = embed_sequences(model, ids, sequences, out, config())
+    assert model.module.pack_sizes == [] and stats.resumed_from_rows == 12
+    np.testing.assert_array_equal(read_embeddings(out).embeddings, whole.embeddings)
+
+
 def test_complete_shard_is_not_recomputed(tmp_path):
     ids, sequences = proteins(12)
     embed_sequences(fake_model(), ids, sequences, tmp_path / "shard.h5", config())

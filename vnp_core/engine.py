@@ -376,7 +376,7 @@ def embed_tokenized(model: LoadedModel, ids: Sequence[str], tokenized: Tokenized
         shard_attrs = {**_shard_attrs(model, tokenized, max_tokens), **(attrs or {})}
         checkpoint.update_attrs(shard_attrs)
         packs = [[resumed + i for i in pack] for pack in plan_packs(tokenized.lengths[resumed:], max_tokens)]
-        rows, tokens, first_pack_seconds, graphs = resumed, 0, 0.0, None
+        rows, tokens, first_pack_seconds, compile_work = resumed, 0, 0.0, None
         compile_before = _compile_work() if model.compiled else None
         with _CheckpointWriter(checkpoint, ids, config.checkpoint_rows) as writer:
             for vectors, pack_tokens in _embed_packs(model, tokenized, packs, ids):
