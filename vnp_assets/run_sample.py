@@ -343,9 +343,7 @@ def embed_shards_here(defs: Definitions, instance: DagsterInstance, gpus: GpuPoo
     for position, shard in enumerate(shards):
         if then is not None and position == len(shards) - 1:
             start_spare_device_process(then, once_taken=True)
-        failure = execute_assets(defs, instance, "embed_shard", sample_shard_key(sample, shard),
-                                 [f"{model}_embeddings" for model in MODELS], console)
-        failures.append(None if failure is None else f"shard {shard} of {sample}: {failure}")
+        failures.append(embed_shard(defs, instance, sample, shard, MODELS, console))
         if position < len(shards) - 1:
             start_next_gpu_process(gpus, embedding_imports(gpus))
     _raise_failures(failures)
@@ -363,11 +361,18 @@ def materialize_shard(home: str, resource_fields: dict[str, dict], sample: str, 
 
     `spare_after`: start a spare device process once the step is done, for the worker's next step.
     """
-    failure = execute_assets(worker_definitions(json.dumps(resource_fields, sort_keys=True)), worker_instance(home),
-                             "embed_shard", sample_shard_key(sample, shard), [f"{model}_embeddings" for model in models],
-                             console or console_at("INFO"))
+    failure = embed_shard(worker_definitions(json.dumps(resource_fields, sort_keys=True)), worker_instance(home),
+                          sample, shard, models, console or console_at("INFO"))
     if spare_after and _start_spare is not None:
         _start_spare()
+    return failure
+
+
+def embed_shard(defs: Definitions, instance: DagsterInstance, sample: str, shard: int, models: Sequence[str],
+                console: dict) -> str | None:
+    """One shard's `embed_shard` run in this process; its error text, naming the shard, if it failed."""
+    failure = execute_assets(defs, instance, "embed_shard", sample_shard_key(sample, shard),
+                             [f"{model}_embeddings" for model in models], console)
     return None if failure is None else f"shard {shard} of {sample}: {failure}"
 
 
