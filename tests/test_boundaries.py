@@ -32,8 +32,9 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 # +20 for ESM-2's residual adds left to the next LayerNorm, the GELU kernel's rows in two blocks and
 # the seconds compiling at a shard's first pack; +50 for `vnp run` running one-at-a-time GPU steps in
 # its own process (a small sample's embedding stage 3.8x faster) with a merge worker for large samples;
-# +10 for a spare started once the waiting one is taken (a GPU host's validation imports meanwhile).
-CODE_LINE_BUDGET = 5750
+# +10 for a spare started once the waiting one is taken (a GPU host's validation imports meanwhile);
+# +10 for the shard workers waiting for each other before the shards are handed out.
+CODE_LINE_BUDGET = 5760
 
 
 def code_lines(source: str) -> int:

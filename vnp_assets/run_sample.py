@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -277,8 +278,12 @@ def _prepare_merge_worker(home: str, parent_pid: int) -> None:
 @contextmanager
 def shard_workers(gpus: GpuPool, worker_count: int, home: Path) -> Iterator[ProcessPoolExecutor]:
     """`worker_count` processes for the embedding steps (one per usable GPU), started now and made ready for them."""
-    with ProcessPoolExecutor(worker_count, mp_context=multiprocessing.get_context("spawn"), initializer=_prepare_step_worker,
-                             initargs=(gpus.model_dump(), str(home), os.getpid(), embedding_imports(gpus))) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    # Every worker ready before any takes a shard: a worker that is ready early would otherwise take a
+    # second shard while a slower one still imports, and that GPU would wait (seen on a loaded 2-core host).
+    ready = spawn.Barrier(worker_count)
+    with ProcessPoolExecutor(worker_count, mp_context=spawn, initializer=_prepare_step_worker,
+                             initargs=(gpus.model_dump(), str(home), os.getpid(), embedding_imports(gpus), ready)) as pool:
         for _ in range(worker_count):
             pool.submit(int)  # a pool starts its processes on demand: ask for all of them now
         yield pool
@@ -289,13 +294,15 @@ def shard_workers(gpus: GpuPool, worker_count: int, home: Path) -> Iterator[Proc
 _start_spare: Callable[[], None] | None = None
 
 
-def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int, imports: list[str]) -> None:
+def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int, imports: list[str], ready) -> None:
     """What every step of the worker would otherwise do first, done while the index is built: start
     the CUDA driver (counting the GPUs does; it creates no context on any GPU),
     start what its first step runs in with `imports` done (for an embedding step on a GPU,
     torch.compile's machinery: 3.4-4.5 s), import Dagster and the asset code, open the instance.
     First of all, the worker dies with `vnp run` (`parent_pid`): a killed run leaves no worker behind
-    (a pool's idle worker would otherwise wait for work forever), nor the Ray actor it started."""
+    (a pool's idle worker would otherwise wait for work forever), nor the Ray actor it started.
+    Last, it waits for the other workers to be as ready (`ready`, a barrier), never longer than
+    `WORKERS_READY_TIMEOUT_S`: a worker that died starting breaks it rather than hang the rest."""
     exit_with_parent(parent_pid)
     global _start_spare
     gpus = GpuPool(**gpu_fields)
@@ -308,6 +315,13 @@ def _prepare_step_worker(gpu_fields: dict, home: str, parent_pid: int, imports: 
     import vnp_assets.assets  # noqa: F401
 
     worker_instance(home)
+    try:
+        ready.wait(timeout=WORKERS_READY_TIMEOUT_S)
+    except threading.BrokenBarrierError:  # a slow or failed worker: the others go on
+        pass
+
+
+WORKERS_READY_TIMEOUT_S = 120
 
 
 def start_ray_actor_ahead(gpus: GpuPool, imports: Sequence[str]) -> None:
