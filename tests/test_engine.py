@@ -583,7 +583,7 @@ class CompilingMeanEmbedding(MeanEmbedding):
         for counter, count in self.lookups.items():
             counters["inductor"][counter] += count
         if self.lookups:  # traced once
-            compilation_time_metrics.setdefault("_compile.compile_inner", []).append(1.25)
+            compilation_time_metrics.setdefault("_compile.compile_inner", []).append(1.5)
         self.lookups = {}
         return super().embed(batch)
 
@@ -595,7 +595,7 @@ def test_a_compiled_models_first_pack_reports_its_graphs_from_the_compile_cache(
     for job, (hits, misses) in enumerate([(0, 2), (3, 0)]):  # a cold cache, then a warm one, in one process
         model = replace(fake_model(), module=CompilingMeanEmbedding(hits, misses), compiled=True)
         stats = embed_sequences(model, ids, sequences, tmp_path / f"shard{job}.h5", config())
-        assert stats.compile_at_first_pack == (hits, misses, pytest.approx(1.25))  # a difference of two sums
-        assert f"(Inductor graphs: {hits} from the compile cache, {misses} compiled anew; 1.2 s in torch.compile)" in stats.summary()
+        assert stats.compile_at_first_pack == (hits, misses, pytest.approx(1.5))  # a difference of two sums, so 1.5 and not a tie that rounds either way
+        assert f"(Inductor graphs: {hits} from the compile cache, {misses} compiled anew; 1.5 s in torch.compile)" in stats.summary()
     uncompiled = embed_sequences(fake_model(), ids, sequences, tmp_path / "shard2.h5", config())
     assert uncompiled.compile_at_first_pack is None and "Inductor" not in uncompiled.summary()
