@@ -1,6 +1,5 @@
-"""Variants of the kernels that write FP8 linear layers' inputs (`vnp_core/models/fp8_gelu.py`) at
-ESM-2 3B's shapes (65,536 tokens; rows 10,240 wide after fc1, else 2,560), and of the candidates for
-the other two (below): time per call, against the eager ops, Inductor's fusion of them and the HBM
+"""Variants of the kernels that write FP8 linear layers' inputs (`vnp_core/models/fp8_triton.py`) at
+ESM-2 3B's shapes (65,536 tokens; rows 10,240 wide after fc1, else 2,560): time per call, against the eager ops, Inductor's fusion of them and the HBM
 floor, and how many e4m3 values differ from the eager ops'. GPU only.
 
     python3 bench/fp8_kernel_variants.py --out $OUT/fp8_kernel_variants.json
@@ -21,8 +20,9 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vnp_core.models.fp8 import E4M3, E4M3_MAX, quantize_rows  # noqa: E402
-from vnp_core.models.fp8_gelu import (TINY, _gelu_quantize_rows_kernel, _store_quantized, gelu_quantize_rows,  # noqa: E402
-                                      row_blocks)
+from vnp_core.models.fp8 import add_layer_norm_quantize_rows, gelu_quantize_rows, quantize_activation_rows  # noqa: E402
+from vnp_core.models.fp8_triton import (TINY, _add_layer_norm_quantize_rows_kernel, _gelu_quantize_rows_kernel,  # noqa: E402
+                                        _quantize_rows_kernel, row_blocks)
 
 
 @triton.jit
@@ -59,46 +59,6 @@ def _looped(x_ptr, out_ptr, scale_ptr, n_cols, E4M3_MAX: tl.constexpr, TINY: tl.
         gelu = (0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))).to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(out_ptr + row * n_cols + cols, (gelu * inverse).to(out_ptr.dtype.element_ty), mask=cols < n_cols)
     tl.store(scale_ptr + row, scale)
-
-
-# Candidates, measured here and not yet in the product: the residual add + LayerNorm + quantisation
-# (q, k, v and fc1's input) and the quantisation of the attention's output (out_proj's), each a row
-# per program as the GELU's. Under torch.compile a layer's input width is symbolic, which a Triton
-# launch in a compiled graph cannot take: as a registered custom op they would get concrete shapes.
-@triton.jit
-def _add_layer_norm_quantize_rows_kernel(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_cols,
-                                         eps, E4M3_MAX: tl.constexpr, TINY: tl.constexpr,
-                                         HEAD: tl.constexpr, TAIL: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    head_cols, tail_cols = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
-    in_tail = tail_cols < n_cols
-    dtype = x_ptr.dtype.element_ty
-    x_row, delta_row, sum_row = x_ptr + row * n_cols, delta_ptr + row * n_cols, sum_ptr + row * n_cols
-    head = (tl.load(x_row + head_cols).to(tl.float32) + tl.load(delta_row + head_cols).to(tl.float32)).to(dtype)
-    tail = (tl.load(x_row + tail_cols, mask=in_tail, other=0.0).to(tl.float32)
-            + tl.load(delta_row + tail_cols, mask=in_tail, other=0.0).to(tl.float32)).to(dtype)
-    tl.store(sum_row + head_cols, head)
-    tl.store(sum_row + tail_cols, tail, mask=in_tail)
-    head, tail = head.to(tl.float32), tail.to(tl.float32)
-    mean = (tl.sum(head, axis=0) + tl.sum(tail, axis=0)) / n_cols
-    head, tail = head - mean, tl.where(in_tail, tail - mean, 0.0)
-    rstd = tl.math.rsqrt((tl.sum(head * head, axis=0) + tl.sum(tail * tail, axis=0)) / n_cols + eps)
-    head = head * rstd * tl.load(weight_ptr + head_cols).to(tl.float32) + tl.load(bias_ptr + head_cols).to(tl.float32)
-    tail = (tail * rstd * tl.load(weight_ptr + tail_cols, mask=in_tail, other=0.0).to(tl.float32)
-            + tl.load(bias_ptr + tail_cols, mask=in_tail, other=0.0).to(tl.float32))
-    head, tail = head.to(dtype).to(tl.float32), tail.to(dtype).to(tl.float32)
-    _store_quantized(out_ptr, scale_ptr, row, head, tail, head_cols, tail_cols, in_tail, n_cols, E4M3_MAX, TINY)
-
-
-@triton.jit
-def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, E4M3_MAX: tl.constexpr, TINY: tl.constexpr,
-                          HEAD: tl.constexpr, TAIL: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    head_cols, tail_cols = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
-    in_tail = tail_cols < n_cols
-    head = tl.load(x_ptr + row * n_cols + head_cols).to(tl.float32)
-    tail = tl.load(x_ptr + row * n_cols + tail_cols, mask=in_tail, other=0.0).to(tl.float32)
-    _store_quantized(out_ptr, scale_ptr, row, head, tail, head_cols, tail_cols, in_tail, n_cols, E4M3_MAX, TINY)
 
 
 def launcher(kernel, **meta):
@@ -159,9 +119,10 @@ def families(tokens: int) -> dict[str, tuple[tuple, dict]]:
     gelu |= {f"two blocks, {w} warps": two_blocks_at(_gelu_quantize_rows_kernel, w) for w in (4, 8, 16)}
     for block, warps in ((2048, 4), (2048, 8)):
         gelu[f"looped {block}, {warps} warps"] = launcher(_looped, BLOCK=block, num_warps=warps)
-    norm = {"eager": eager_layer_norm, "inductor (the product)": torch.compile(eager_layer_norm, dynamic=True)}
+    norm = {"eager": eager_layer_norm, "inductor": torch.compile(eager_layer_norm, dynamic=True),
+            "product": lambda *a: add_layer_norm_quantize_rows(*a)[1:]}
     norm |= {f"two blocks, {w} warps": two_blocks_at(_add_layer_norm_quantize_rows_kernel, w, layer_norm=True) for w in (1, 2, 4, 8)}
-    quant = {"eager": quantize_rows, "inductor (the product)": torch.compile(quantize_rows, dynamic=True)}
+    quant = {"eager": quantize_rows, "inductor": torch.compile(quantize_rows, dynamic=True), "product": quantize_activation_rows}
     quant |= {f"two blocks, {w} warps": two_blocks_at(_quantize_rows_kernel, w) for w in (1, 2, 4, 8)}
     # Bytes each must move at least: fp16 in, e4m3 out (the LayerNorm: two fp16 in, the fp16 sum out too).
     return {"gelu_quantize (fc2's input)": ((x_fc1,), gelu, x_fc1.numel() * 3),

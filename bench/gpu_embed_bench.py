@@ -15,6 +15,7 @@ Random weights have the real models' cost per token; the real weights cannot be 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -333,7 +334,10 @@ def esm2_fp8_section(args) -> None:
     from vnp_core.models.esm2 import ESM2Config, ESM2Tokenizer, PackedESM2
     import torch._inductor.config
 
-    from vnp_core.models.fp8 import Fp8Linear, use_fp8_linears
+    from unittest import mock
+
+    from vnp_core.models.esm2 import ResidualLayerNorm
+    from vnp_core.models.fp8 import Fp8Linear, Fp8ResidualLayerNorm, quantize_rows, use_fp8_linears
 
     cfg = ESM2Config(*SHAPES["esm2"])
     torch.manual_seed(0)
@@ -344,7 +348,8 @@ def esm2_fp8_section(args) -> None:
                 tensor.normal_(0, 0.02)
     weights = fp32.state_dict()
 
-    def variant(fp8: bool, fused_qkv: bool = False, fast_accum: bool = True, inductor_gelu: bool = False):
+    def variant(fp8: bool, fused_qkv: bool = False, fast_accum: bool = True, inductor_gelu: bool = False,
+                inductor_norms: bool = False):
         model = PackedESM2.from_weights(cfg, weights, DEVICE, torch.float16, ESM2_BACKEND)
         if fused_qkv:
             fuse_qkv(model)
@@ -353,16 +358,26 @@ def esm2_fp8_section(args) -> None:
             for module in model.modules():
                 if isinstance(module, Fp8Linear):
                     module.use_fast_accum = fast_accum
-            if inductor_gelu:  # the GELU and fc2's quantisation left to torch.compile, as before fp8_gelu
+            if inductor_gelu:  # the GELU and fc2's quantisation left to torch.compile, as before fp8_triton
                 for layer in model.layers:
                     layer.activation = torch.nn.GELU()
+            if inductor_norms:  # the add + LayerNorm + quantisation left to torch.compile, as main shipped it on 2026-12-01
+                for layer in model.layers:
+                    for name in ("self_attn_layer_norm", "final_layer_norm"):
+                        fp8_norm = getattr(layer, name)
+                        assert isinstance(fp8_norm, Fp8ResidualLayerNorm)
+                        norm = ResidualLayerNorm(fp8_norm.normalized_shape, eps=fp8_norm.eps, device="meta")
+                        norm.weight, norm.bias = fp8_norm.weight, fp8_norm.bias
+                        setattr(layer, name, norm)
         model.compile_layers()
         return model
 
     # multi_kernel: Inductor also generates whole-row ("persistent") reductions for rows up to 16k wide
     # and picks, per kernel, the faster of the two at run time (no gain at d5917d3: bench/BENCHMARKS.md).
     # max_autotune: Inductor also tries its own Triton GEMMs, into which it can fuse the bias and GELU.
+    # fp8_inductor_norms: also out_proj's quantisation left to torch.compile (its kernel swapped for the eager ops).
     variants = {"fp16": dict(fp8=False), "fp8_inductor_gelu": dict(fp8=True, inductor_gelu=True), "fp8": dict(fp8=True),
+                "fp8_inductor_norms": dict(fp8=True, inductor_norms=True),
                 "fp16_multi_kernel": dict(fp8=False, inductor={"triton.multi_kernel": 1}),
                 "fp8_multi_kernel": dict(fp8=True, inductor={"triton.multi_kernel": 1}),
                 "fp16_max_autotune": dict(fp8=False, inductor={"max_autotune_gemm": True}),
@@ -374,7 +389,9 @@ def esm2_fp8_section(args) -> None:
     reference = {name: vnp_embed(fp32, tokens[: args.accuracy_n], 16384) for name, tokens in sets.items()}
     for label, options in variants.items():
         try:
-            with torch._inductor.config.patch(options.pop("inductor", {})):
+            eager_quantize = (mock.patch("vnp_core.models.fp8.quantize_activation_rows", quantize_rows)
+                              if options.get("inductor_norms") else contextlib.nullcontext())
+            with torch._inductor.config.patch(options.pop("inductor", {})), eager_quantize:
                 model = variant(**options)
                 for name, tokens in sets.items():
                     record(f"esm2_fp8_accuracy_{label}_vs_fp32_{name}",
@@ -382,7 +399,7 @@ def esm2_fp8_section(args) -> None:
                     n_tokens = sum(len(t) for t in tokens)
                     seconds = timed(lambda: vnp_embed(model, tokens, 65536), warmup=1, reps=args.reps)
                     record(f"esm2_fp8_throughput_{label}_{name}", {"tokens_per_s": round(n_tokens / seconds), "seconds": round(seconds, 3)})
-                if label in ("fp16", "fp8_inductor_gelu", "fp8") and args.profile:
+                if label in ("fp16", "fp8_inductor_gelu", "fp8", "fp8_inductor_norms") and args.profile:
                     record(f"esm2_fp8_profile_{label}", kernel_profile(model, sets["virnucpro500"], 65536, top=20))
             del model
             torch.cuda.empty_cache()

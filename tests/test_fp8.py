@@ -14,7 +14,9 @@ from torch import nn
 
 from vnp_core.config import EmbedConfig
 from vnp_core.models.esm2_checkpoint import load_esm2
-from vnp_core.models.fp8 import E4M3, E4M3_MAX, Fp8Gelu, Fp8Linear, Fp8Rows, quantize_rows, use_fp8_linears
+from vnp_core.models.esm2 import ResidualLayerNorm
+from vnp_core.models.fp8 import (E4M3, E4M3_MAX, Fp8Gelu, Fp8Linear, Fp8ResidualLayerNorm, Fp8Rows, quantize_rows,
+                                 use_fp8_linears)
 from vnp_core.models.reference import esm2_reference
 from vnp_core.packing import make_batch
 from vnp_core.tiny_models import write_tiny_esm2
@@ -69,19 +71,46 @@ def test_a_gelu_quantised_as_computed_feeds_the_next_layer_the_same_numbers():
     assert torch.equal(fc2(rows), fc2(F.gelu(x)))  # the half-precision output either way
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA; the CPU runs the eager ops above")
-@pytest.mark.parametrize("rows, width", [(1000, 10240), (7, 100), (3, 64), (0, 64)])  # ESM-2 3B's fc1 width, ragged ones, none
-def test_the_fused_gelu_kernel_gives_the_eager_ops_numbers_on_a_gpu(rows, width):
-    from vnp_core.models.fp8_gelu import gelu_quantize_rows
+def test_a_layer_norm_quantised_as_computed_returns_the_residual_sum_and_the_same_numbers():
+    torch.manual_seed(0)
+    norm = ResidualLayerNorm(40).to(torch.float16)
+    nn.init.normal_(norm.weight, 1, 0.1), nn.init.normal_(norm.bias, 0, 0.1)
+    x, delta = torch.randn(9, 40, dtype=torch.float16), torch.randn(9, 40, dtype=torch.float16)
+    fp8_norm = Fp8ResidualLayerNorm.replacing(norm)
+    total, rows = fp8_norm(x, delta)
+    expected_total, normed = norm(x, delta)
+    assert torch.equal(total, x + delta) and torch.equal(expected_total, total)
+    expected = quantize_rows(normed)
+    assert torch.equal(rows.values.view(torch.uint8), expected[0].view(torch.uint8)) and torch.equal(rows.scale, expected[1])
+    assert fp8_norm.weight is norm.weight and fp8_norm.bias is norm.bias  # the same parameters, no copy
+
+
+def e4m3_steps(values: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    return (values.view(torch.uint8).int() - expected.view(torch.uint8).int()).abs()
+
+
+GPU_SHAPES = [(1000, 10240), (1000, 2560), (7, 100), (3, 64), (0, 64)]  # ESM-2 3B's widths, ragged ones, none
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the ops run Triton kernels on CUDA; the eager ops above on the CPU")
+@pytest.mark.parametrize("rows, width", GPU_SHAPES)
+def test_the_fused_kernels_give_the_eager_ops_numbers_on_a_gpu(rows, width):
+    from vnp_core.models.fp8 import add_layer_norm_quantize_rows, gelu_quantize_rows, quantize_activation_rows
 
     torch.manual_seed(0)
-    x = (torch.randn(rows, width, device="cuda") * 2).half()
-    values, scale = gelu_quantize_rows(x)
-    expected = quantize_rows(F.gelu(x))
-    assert values.shape == (rows, width) and torch.equal(scale, expected[1])
+    x, delta = (torch.randn(rows, width, device="cuda") * 2).half(), torch.randn(rows, width, device="cuda").half()
+    weight, bias = (torch.randn(width, device="cuda") * 0.1 + 1).half(), (torch.randn(width, device="cuda") * 0.1).half()
     # Times the scale's reciprocal, not divided by the scale: about 1 value in 25,000 is one e4m3 step away.
-    steps = (values.view(torch.uint8).int() - expected[0].view(torch.uint8).int()).abs()
-    assert (steps <= 1).all() and (steps > 0).sum() <= max(1, steps.numel() // 10_000)
+    for (values, scale), (expected, expected_scale) in [
+            (gelu_quantize_rows(x), quantize_rows(F.gelu(x))), (quantize_activation_rows(x), quantize_rows(x))]:
+        assert values.shape == (rows, width) and torch.equal(scale, expected_scale)
+        steps = e4m3_steps(values, expected)
+        assert (steps <= 1).all() and (steps > 0).sum() <= max(1, steps.numel() // 10_000)
+    total, values, scale = add_layer_norm_quantize_rows(x, delta, weight, bias, 1e-5)
+    assert torch.equal(total, x + delta)
+    expected, expected_scale = quantize_rows(F.layer_norm(x + delta, (width,), weight, bias, 1e-5))
+    # The LayerNorm sums in another order than PyTorch's: a value may round one fp16 step apart.
+    assert torch.allclose(scale, expected_scale, rtol=2e-3, atol=0) and (e4m3_steps(values, expected) <= 1).all()
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +124,8 @@ def test_esm2_in_fp8_passes_fp8_thresholds_against_fair_esm_fp32(tiny, dtype):
     assert loaded.fp8 and loaded.precision == f"fp8_e4m3+{dtype}"
     linears = [m for m in loaded.module.modules() if isinstance(m, (nn.Linear, Fp8Linear))]
     assert linears and all(isinstance(m, Fp8Linear) for m in linears)  # every layer's q, k, v, out, fc1, fc2
+    norms = [type(m).__name__ for m in loaded.module.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms == ["Fp8ResidualLayerNorm"] * 4 + ["LayerNorm"]  # each layer's two; the last one's output is the embedding
     tokenizer = loaded.tokenizer
     batch = make_batch([tokenizer.encode(s, str(i))[0] for i, s in enumerate(SEQUENCES)], range(len(SEQUENCES)))
     pooled = loaded.module.embed(batch).numpy()
@@ -207,3 +238,16 @@ def test_vnp_run_with_fp8_on_a_gpu_without_fp8_is_refused_at_the_door(tmp_path, 
     home.write_text("")
     on_hopper = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--fp8", "--devices", "0"])
     assert on_hopper.exit_code == 1 and "--fp8" not in on_hopper.output and "--home" in on_hopper.output
+
+
+def test_esm2_in_fp8_compiles_with_its_ops_for_packs_of_any_length(tiny):
+    """A compiled layer calls the FP8 ops as they are, with a symbolic pack length, in one graph."""
+    loaded = load_esm2(tiny, EmbedConfig(dtype="bfloat16", fp8=True))
+    tokenizer = loaded.tokenizer
+    batches = [make_batch([tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)], range(len(seqs)))
+               for seqs in (SEQUENCES, SEQUENCES[:3])]
+    eager = [loaded.module.embed(batch) for batch in batches]
+    for layer in loaded.module.layers:
+        layer.compile(dynamic=True, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break fails
+    for batch, expected in zip(batches, eager):
+        assert torch.equal(loaded.module.embed(batch), expected)

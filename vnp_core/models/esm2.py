@@ -129,10 +129,9 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, x, plan: AttentionPlan, cos, sin):
-        heads = (x.shape[0], self.num_heads, self.head_dim)
-        q = apply_rotary(self.q_proj(x).view(heads), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(heads), cos, sin)
-        v = self.v_proj(x).view(heads)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # x: a tensor, or `Fp8Rows` in FP8 mode
+        heads = (q.shape[0], self.num_heads, self.head_dim)
+        q, k, v = apply_rotary(q.view(heads), cos, sin), apply_rotary(k.view(heads), cos, sin), v.view(heads)
         # fair-esm scales q before the rotation; rotation is linear, so scaling once in the kernel is the same.
         out = attend(q, k, v, plan, scale=self.head_dim**-0.5)
         return self.out_proj(out.flatten(1))

@@ -2,9 +2,11 @@
 
 Each weight row (one output feature) is scaled into e4m3's range once, at load; each activation row
 (one token) at every call. The quantisation of an activation is a row maximum and an elementwise
-divide, so when the layer is compiled it fuses into the op that produced the activation (the
-residual add and LayerNorm) instead of being a pass of its own; after the GELU, whose rows are 4x
-wider, a kernel of our own does it (`fp8_gelu`).
+divide, fused into the op that produced the activation so that it is not a pass of its own: the
+residual add and LayerNorm, the GELU, or (out_proj's input) none. Each is a custom op
+(`torch.ops.vnp.*`): on a GPU a Triton kernel (`fp8_triton`), on the CPU the eager ops. torch.compile
+calls them as they are, with concrete shapes: a Triton launch traced into a compiled layer needs
+a static row width, which the layer's input does not have under `dynamic=True`.
 `torch._scaled_mm` multiplies in the tensor cores and returns the model's dtype with the bias added.
 Hopper (sm_90) and Ada (sm_89) GPUs have FP8 tensor cores; on the CPU, which the tests use, the same
 e4m3 values are multiplied in fp32.
@@ -17,6 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vnp_core.models.esm2 import ResidualLayerNorm
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -39,15 +43,93 @@ class Fp8Rows(NamedTuple):
     scale: torch.Tensor
 
 
+def _rows_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty e4m3 rows shaped as x, and their scales."""
+    return (torch.empty(x.shape, dtype=E4M3, device=x.device),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("vnp::quantize_activation_rows", mutates_args=())
+def quantize_activation_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows(x)`, in one kernel on a GPU."""
+    from vnp_core.models import fp8_triton
+
+    x = x.contiguous()
+    out, scale = _rows_like(x)
+    if x.shape[0]:
+        fp8_triton.quantize_rows(x, out, scale)
+    return out, scale
+
+
+@torch.library.custom_op("vnp::gelu_quantize_rows", mutates_args=())
+def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows(F.gelu(x))`, in one kernel on a GPU."""
+    from vnp_core.models import fp8_triton
+
+    x = x.contiguous()
+    out, scale = _rows_like(x)
+    if x.shape[0]:
+        fp8_triton.gelu_quantize_rows(x, out, scale)
+    return out, scale
+
+
+@torch.library.custom_op("vnp::add_layer_norm_quantize_rows", mutates_args=())
+def add_layer_norm_quantize_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`x + delta` and `quantize_rows(F.layer_norm(x + delta, ...))`, in one kernel on a GPU."""
+    from vnp_core.models import fp8_triton
+
+    x, delta = x.contiguous(), delta.contiguous()
+    total, (out, scale) = torch.empty_like(x), _rows_like(x)
+    if x.shape[0]:
+        fp8_triton.add_layer_norm_quantize_rows(x, delta, weight, bias, eps, total, out, scale)
+    return total, out, scale
+
+
+@quantize_activation_rows.register_kernel("cpu")
+def _(x):
+    return quantize_rows(x)
+
+
+@gelu_quantize_rows.register_kernel("cpu")
+def _(x):
+    return quantize_rows(F.gelu(x))
+
+
+@add_layer_norm_quantize_rows.register_kernel("cpu")
+def _(x, delta, weight, bias, eps):
+    total = x + delta
+    return total, *quantize_rows(F.layer_norm(total, weight.shape, weight, bias, eps))
+
+
+quantize_activation_rows.register_fake(_rows_like)
+gelu_quantize_rows.register_fake(_rows_like)
+
+
+@add_layer_norm_quantize_rows.register_fake
+def _(x, delta, weight, bias, eps):
+    return torch.empty_like(x), *_rows_like(x)
+
+
 class Fp8Gelu(nn.Module):
     """Exact-erf GELU whose output only an `Fp8Linear` reads: quantised as it is computed."""
 
     def forward(self, x: torch.Tensor) -> Fp8Rows:
-        if x.is_cuda:
-            from vnp_core.models.fp8_gelu import gelu_quantize_rows
+        return Fp8Rows(*gelu_quantize_rows(x))
 
-            return Fp8Rows(*gelu_quantize_rows(x))
-        return Fp8Rows(*quantize_rows(F.gelu(x)))
+
+class Fp8ResidualLayerNorm(ResidualLayerNorm):
+    """A `ResidualLayerNorm` whose normalised output only `Fp8Linear`s read: quantised as it is computed."""
+
+    @classmethod
+    def replacing(cls, norm: ResidualLayerNorm) -> Fp8ResidualLayerNorm:
+        fp8_norm = cls(norm.normalized_shape, eps=norm.eps, device="meta")
+        fp8_norm.weight, fp8_norm.bias = norm.weight, norm.bias
+        return fp8_norm
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, Fp8Rows]:
+        total, values, scale = add_layer_norm_quantize_rows(x, delta, self.weight, self.bias, self.eps)
+        return total, Fp8Rows(values, scale)
 
 
 class Fp8Linear(nn.Module):
@@ -68,7 +150,7 @@ class Fp8Linear(nn.Module):
         self.out_dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        x8, x_scale = x if isinstance(x, Fp8Rows) else quantize_rows(x)
+        x8, x_scale = x if isinstance(x, Fp8Rows) else quantize_activation_rows(x)
         if not x8.is_cuda:  # CPU builds of torch differ in the scales `_scaled_mm` takes: the same products in fp32
             out = (x8.float() * x_scale) @ (self.weight.float() * self.weight_scale.T).T
             return (out if self.bias is None else out + self.bias.float()).to(self.out_dtype)
@@ -86,10 +168,13 @@ def check_fp8_device(device: torch.device, what_to_do: str = "turn fp8 off") -> 
 
 def use_fp8_linears(module: nn.Module) -> None:
     """Replace every `nn.Linear` below `module` by its `Fp8Linear` (the half-precision weights are freed),
-    and every `nn.GELU` by an `Fp8Gelu`: in ESM-2 a GELU's output is always a linear layer's input."""
+    every `nn.GELU` by an `Fp8Gelu` and every `ResidualLayerNorm` by an `Fp8ResidualLayerNorm`: in
+    ESM-2's layers the outputs of both are only ever linear layers' inputs."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Fp8Linear(child))
             elif isinstance(child, nn.GELU) and child.approximate == "none":
                 setattr(parent, name, Fp8Gelu())
+            elif type(child) is ResidualLayerNorm:
+                setattr(parent, name, Fp8ResidualLayerNorm.replacing(child))
