@@ -17,6 +17,7 @@ killed run's remaining packs exactly, and with them its vectors bit for bit.
 
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import importlib
 import logging
@@ -283,6 +284,15 @@ def use_compile_cache(directory: Path | None) -> None:
         directory = Path(directory).resolve()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
         os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
+    # Inductor's cache key pickles each parameter's memory format. A memory format's own reduction names no
+    # module, so pickle names the first module in sys.modules that reaches it: another one in a Ray actor
+    # (its `__mp_main__`) than in our device process, so each actor missed the cache and compiled anew.
+    copyreg.pickle(torch.memory_format, lambda memory_format: (_memory_format, (str(memory_format),)))
+
+
+def _memory_format(name: str) -> torch.memory_format:
+    """`torch.contiguous_format` for "torch.contiguous_format": a memory format, unpickled by its name."""
+    return getattr(torch, name.removeprefix("torch."))
 
 
 def compile_if_worth_it(model: LoadedModel, config: EmbedConfig, num_tokens: int) -> LoadedModel:
