@@ -566,6 +566,15 @@ def test_a_compile_is_kept_in_the_compile_cache_for_the_next_process_however_it_
     assert compile_once("ray-like") == (1, 0)  # a Ray actor's imports: the same key
 
 
+def test_a_memory_format_pickled_by_name_unpickles_as_itself():
+    import pickle
+
+    use_compile_cache(None)
+    for memory_format in (torch.contiguous_format, torch.channels_last, torch.preserve_format):
+        pickled = pickle.dumps(memory_format)
+        assert b"vnp_core.engine" in pickled and pickle.loads(pickled) is memory_format
+
+
 def test_the_compile_cache_setting_leaves_torch_default_alone_when_unset(tmp_path, monkeypatch):
     from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
 
