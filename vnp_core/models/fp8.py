@@ -49,16 +49,21 @@ def _rows_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
 
 
+def _quantized_by(launch, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The e4m3 rows and scales that the Triton launcher `launch(x, out, scale)` writes for x."""
+    x = x.contiguous()
+    out, scale = _rows_like(x)
+    if x.shape[0]:
+        launch(x, out, scale)
+    return out, scale
+
+
 @torch.library.custom_op("vnp::quantize_activation_rows", mutates_args=())
 def quantize_activation_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(x)`, in one kernel on a GPU."""
     from vnp_core.models import fp8_triton
 
-    x = x.contiguous()
-    out, scale = _rows_like(x)
-    if x.shape[0]:
-        fp8_triton.quantize_rows(x, out, scale)
-    return out, scale
+    return _quantized_by(fp8_triton.quantize_rows, x)
 
 
 @torch.library.custom_op("vnp::gelu_quantize_rows", mutates_args=())
@@ -66,11 +71,7 @@ def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(F.gelu(x))`, in one kernel on a GPU."""
     from vnp_core.models import fp8_triton
 
-    x = x.contiguous()
-    out, scale = _rows_like(x)
-    if x.shape[0]:
-        fp8_triton.gelu_quantize_rows(x, out, scale)
-    return out, scale
+    return _quantized_by(fp8_triton.gelu_quantize_rows, x)
 
 
 @torch.library.custom_op("vnp::add_layer_norm_quantize_rows", mutates_args=())
