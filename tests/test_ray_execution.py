@@ -374,7 +374,7 @@ def reports_progress(progress) -> str:
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "ray://10.255.255.1:10001"])
-def test_an_unreachable_cluster_fails_within_the_timeout_in_one_line(address, log):
+def test_an_unreachable_cluster_fails_within_the_timeout_in_one_line(address, log, caplog):
     address = address.format(port=free_port())
     gpus = RayGpuCluster(address=address, connect_timeout_s=2.0)
     started = time.monotonic()
@@ -387,6 +387,7 @@ def test_an_unreachable_cluster_fails_within_the_timeout_in_one_line(address, lo
     with pytest.raises(RayClusterUnreachable):
         ray_gpu_count(address, connect_timeout_s=2.0)
     assert not ray.is_initialized()
+    assert not [record.getMessage() for record in caplog.records if record.exc_info]  # no traceback logged either
 
 
 def test_addresses_are_parsed_with_rays_default_ports():

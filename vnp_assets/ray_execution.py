@@ -228,6 +228,8 @@ class RayGpuCluster(RayResource):
         with _connect_lock:
             if self.connected or ray.is_initialized():
                 return
+            # dagster-ray logs a failed connect with its traceback: an unreachable head is refused here, in one line.
+            check_reachable(self.address, self.connect_timeout_s)
             self._connect(SimpleNamespace(log=log))  # dagster-ray's connect only needs the context's log
 
     def disconnect(self) -> None:

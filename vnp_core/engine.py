@@ -275,7 +275,8 @@ def load_job(job: ShardJob) -> _PreparedJob:
 
 
 def use_compile_cache(directory: Path | None) -> None:
-    """Keep this process's torch.compile output in `directory` (None: torch's default).
+    """Keep this process's torch.compile output in `directory` (None: torch's default), under keys that
+    are the same in every process (a Ray actor's too).
 
     torch takes the folder from these two variables, read each time it compiles or looks a compiled
     graph up, never at import; its compile workers, started at the first compile, inherit them.
