@@ -72,17 +72,20 @@ def group_members(group: int) -> list[str]:
     return members
 
 
-def start_head(temp_dir: Path, gpus: int, cpus: int, visible_devices: str | None = None) -> tuple[subprocess.Popen, str]:
+def start_head(temp_dir: Path, gpus: int, cpus: int, visible_devices: str | None = None, *,
+               client_port: int | None = None, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """A one-node cluster with `gpus` GPU slots (fake ones on a host without GPUs; with `visible_devices`,
-    the physical GPUs it may hand out, the Ray way: the head's CUDA_VISIBLE_DEVICES)."""
+    the physical GPUs it may hand out, the Ray way: the head's CUDA_VISIBLE_DEVICES), Ray Client on
+    `client_port` if given, and `env` added to the head's environment."""
     port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     if visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices
+    client = [f"--ray-client-server-port={client_port}"] if client_port is not None else []
     log = open(temp_dir / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     head = subprocess.Popen(
-        [*RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        [*RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", *client,
          f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--include-dashboard=false", "--disable-usage-stats",
          f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir / 'ray'}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

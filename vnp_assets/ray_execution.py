@@ -71,8 +71,13 @@ _connect_lock = threading.Lock()
 _started_ahead: dict[str, Any] = {}
 
 
+# Ray Client's proxy starts a server per connection, a process that dies now and then while it starts
+# (ray-project/ray#63202), each time after ~30-60 s; the proxy then answers with one of these.
+CLIENT_SERVER_FAILURES = ("Starting Ray client server failed", "Proxy failed to Connect to backend", "in start_specific_server")
+
+
 class RayClusterUnreachable(ConnectionError):
-    """The Ray cluster at the configured address did not answer."""
+    """The Ray cluster at the configured address did not answer, or would not take a connection."""
 
 
 class RayGpuStepError(RuntimeError):
@@ -186,14 +191,17 @@ class RayGpuCluster(RayResource):
             try:
                 return self._ray_init()
             except ConnectionAbortedError as error:
-                # Ray Client's proxy starts a server per connection, a fork that dies now and then
-                # (ray-project/ray#63202: "Starting Ray client server failed"), each time after ~40 s.
-                if not client or "Starting Ray client server failed" not in str(error) \
-                        or attempt == self.client_connect_attempts:
-                    raise
                 import ray
 
+                # A failed Ray Client connect leaves Ray's client mode on: the process's next `ray.init`
+                # as a driver would then fail on an assert. `shutdown` turns it off.
                 ray.shutdown()
+                if not (client and any(sign in str(error) for sign in CLIENT_SERVER_FAILURES)):
+                    raise
+                if attempt == self.client_connect_attempts:
+                    raise RayClusterUnreachable(
+                        f"Ray cluster at {self.address}: Ray Client's server for this connection failed to start {attempt} "
+                        f"times (ray-project/ray#63202); try again, or connect as a driver from a cluster node (HOST:{GCS_PORT})") from error
                 context.log.warning(f"Ray Client's server for this step failed to start (attempt {attempt} of "
                                     f"{self.client_connect_attempts}, ray-project/ray#63202): connecting again")
 
@@ -203,7 +211,7 @@ class RayGpuCluster(RayResource):
         options (an import of ray.data, pandas and pyarrow, here and in a task on the cluster), and a
         `runtime_env` with nothing in it, which dagster-ray always sends: Ray Client's proxy then asks the
         head's runtime-env agent for it, and the fork of its per-connection server failed 2 times in 8 on
-        a loopback head (0 in 10 without one, 0 in 10 with GRPC_ENABLE_FORK_SUPPORT=false on the head)."""
+        a loopback head (about 1 in 25 without one; never with GRPC_ENABLE_FORK_SUPPORT=false on the head)."""
         import ray
         from dagster_ray.utils import _process_dagster_env_vars
 
@@ -228,9 +236,10 @@ class RayGpuCluster(RayResource):
         with _connect_lock:
             if self.connected or ray.is_initialized():
                 return
-            # dagster-ray logs a failed connect with its traceback: an unreachable head is refused here, in one line.
-            check_reachable(self.address, self.connect_timeout_s)
-            self._connect(SimpleNamespace(log=log))  # dagster-ray's connect only needs the context's log
+            # Not dagster-ray's `_connect`, which logs a failure with its traceback: ours say it in one line.
+            context = SimpleNamespace(log=log)  # all connecting needs of a Dagster context
+            self.connect(context)
+            self.on_connect(context)
 
     def disconnect(self) -> None:
         if self._context is not None:
