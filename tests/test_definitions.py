@@ -70,6 +70,7 @@ def test_settings_come_from_dagster_home_and_an_optional_yaml(tmp_path: Path) ->
     ({"num_shards": 0}, "num_shards"),
     ({"dtype": "float8"}, "dtype must be float32, float16 or bfloat16"),
     ({"devices": [7]}, "GPU(s) [7] requested"),
+    ({"storage_root": "s3://bucket/vnp"}, "storage_root s3://bucket/vnp: a URL where a folder is wanted: give a path"),
 ])
 def test_bad_settings_are_refused_with_a_sentence(tmp_path: Path, settings: dict, message: str) -> None:
     with pytest.raises(SettingsError) as refused:

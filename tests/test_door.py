@@ -425,6 +425,7 @@ def test_make_tiny_refuses_places_it_cannot_use(work: Path) -> None:
     (["--esm2-model", "nowhere.pt"], "--esm2-model nowhere.pt: no such file or folder"),
     (["--home", "reads.fa"], "--home reads.fa: is a file, not a folder"),
     (["--home", "/sys/vnp_home"], "cannot write in /sys"),
+    (["--home", "s3://bucket/vnp"], "--home s3://bucket/vnp: a URL: vnp reads and writes files: give a path"),
 ])
 def test_run_refuses_bad_options_before_any_side_effect(work: Path, options: list[str], expect: str) -> None:
     if options[0] == "--devices" and options[1] == "0" and torch.cuda.is_available():
@@ -436,6 +437,7 @@ def test_run_refuses_bad_options_before_any_side_effect(work: Path, options: lis
 def test_run_refuses_bad_files_before_any_side_effect(work: Path, evil_models: dict[str, Path], tiny: Path) -> None:
     reads, home = work / "reads.fa", ["--home", work / "home"]
     refused(["run", work / "missing.fa", *home], "missing.fa: no such file", work)
+    refused(["run", "https://example.org/reads.fa", *home], "input https://example.org/reads.fa: a URL", work)
     refused(["run", write(work / "reads.txt", NUCLEOTIDES), *home], "must be named *.fa, *.fasta or *.fna", work)
     refused(["run", write(work / ".fa", NUCLEOTIDES), *home], "must be named", work)
     refused(["run", write(work / "fq.fa", b"@r1\nACGT\n+\nIIII\n"), *home],

@@ -43,6 +43,7 @@ TEMP_NAME_ROOM = 20
 CHUNK_LENGTHS = (300, 500)
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+URL_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:")  # s3:, gs:, https:, file: (a relative path's first part)
 # `vnp_assets.run_sample.STAGES`, known here without importing it (and Dagster) before the checks.
 RUN_STAGES = ("sequence_index", "embeddings", "merged_embeddings", "fp16_validation_report", "virnucpro_predictions")
 
@@ -324,6 +325,9 @@ def _check_gpus(gpu_ids: list[int] | None, fp8: bool) -> None:
 
 def _stat(path: Path, what: str):  # noqa: ANN202
     """`os.stat` of `path`, or None when there is nothing there; other faults as one sentence."""
+    if not path.is_absolute() and path.parts and URL_SCHEME.fullmatch(path.parts[0]):  # Path("s3://b/k") is s3:/b/k
+        raise DoorError(f"{what} {path.parts[0]}//{'/'.join(path.parts[1:])}: a URL: vnp reads and writes files: "
+                        "give a path (copy the file here, or mount the bucket with a FUSE file system)")
     try:
         return path.stat()
     except FileNotFoundError:

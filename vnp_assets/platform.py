@@ -57,6 +57,10 @@ def resources_from_settings(settings: Mapping[str, Any], home: Path) -> dict[str
     owner = {name: key for key, cls in RESOURCES.items() for name in cls.model_fields}
     if unknown := sorted(set(settings) - set(owner)):
         raise SettingsError(f"unknown setting(s) {', '.join(unknown)}: the settings are {', '.join(sorted(owner))}")
+    # A URL (an fsspec-style s3://...) would become a local folder named after its scheme.
+    if urls := [f"{name} {value}" for name, value in settings.items() if name.endswith(("_dir", "_root")) and "://" in str(value)]:
+        raise SettingsError(f"{', '.join(urls)}: a URL where a folder is wanted: give a path (on a Ray cluster, a folder "
+                            "every node mounts at the same path: NFS, or the bucket through a FUSE file system)")
     fields: dict[str, dict] = {key: {} for key in RESOURCES}
     for name, value in settings.items():
         fields[owner[name]][name] = value
