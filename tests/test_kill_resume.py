@@ -258,9 +258,9 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def _started_run(instance: DagsterInstance, tags: dict[str, str], slot: bool = True) -> DagsterRun:
+def _started_run(instance: DagsterInstance, tags: dict[str, str], slot: bool = True, parent: DagsterRun | None = None) -> DagsterRun:
     run = instance.add_run(DagsterRun(job_name="shard_step", run_id=uuid.uuid4().hex, status=DagsterRunStatus.STARTED,
-                                      tags=tags))
+                                      tags=tags, parent_run_id=parent and parent.run_id, root_run_id=parent and parent.run_id))
     if slot:
         assert instance.event_log_storage.claim_concurrency_slot("gpu", run.run_id, "shard_embeddings").is_claimed
     return run
@@ -275,13 +275,18 @@ def test_dead_runs_are_marked_failed_and_their_gpu_slots_freed() -> None:
         alive = _started_run(instance, process_tags())
         elsewhere = _started_run(instance, {HOST_TAG: host + "-other", PID_TAG: str(_dead_pid())})
         untagged = _started_run(instance, {}, slot=False)  # e.g. launched by the daemon: not ours to judge
+        # A retry starting up carries its parent's tags, which Dagster copied: the dead process is the parent's.
+        retry = _started_run(instance, dead.tags, slot=False, parent=dead)
+        retry_tagged = _started_run(instance, {**dead.tags, PID_TAG: str(_dead_pid())}, slot=False, parent=reused)
 
-        assert sorted(reclaim_dead_runs(instance)) == sorted([dead.run_id, reused.run_id])
+        assert sorted(reclaim_dead_runs(instance)) == sorted([dead.run_id, reused.run_id, retry_tagged.run_id])
 
-        status = {run.run_id: instance.get_run_by_id(run.run_id).status for run in (dead, reused, alive, elsewhere, untagged)}
+        runs = (dead, reused, alive, elsewhere, untagged, retry, retry_tagged)
+        status = {run.run_id: instance.get_run_by_id(run.run_id).status for run in runs}
         assert status == {dead.run_id: DagsterRunStatus.FAILURE, reused.run_id: DagsterRunStatus.FAILURE,
                           alive.run_id: DagsterRunStatus.STARTED, elsewhere.run_id: DagsterRunStatus.STARTED,
-                          untagged.run_id: DagsterRunStatus.STARTED}
+                          untagged.run_id: DagsterRunStatus.STARTED, retry.run_id: DagsterRunStatus.STARTED,
+                          retry_tagged.run_id: DagsterRunStatus.FAILURE}
         claimed = {slot.run_id for slot in instance.event_log_storage.get_concurrency_info("gpu").claimed_slots}
         assert claimed == {alive.run_id, elsewhere.run_id}
         assert reclaim_dead_runs(instance) == []  # once

@@ -9,7 +9,8 @@ Each run is tagged with the host, pid and start time of the process that execute
 as it starts (`tag_run_with_this_process`), which covers the runs the daemon launches for the UI, the
 sensor, backfills and retries. `reclaim_dead_runs`, called by every `vnp run` and every inbox sensor
 tick, marks failed the runs of this host whose process is gone and frees the slots of every run that
-has ended; the daemon then retries the failed runs (`run_retries` in dagster.yaml).
+has ended; the daemon then retries the failed runs (`run_retries` in dagster.yaml). A retry starts
+with its parent's tags, which Dagster copies: they are not judged until the retry's GPU step tags it.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def reclaim_dead_runs(instance: DagsterInstance) -> list[str]:
     reclaimed = []
     for run in instance.get_runs(RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
         pid = run.tags.get(PID_TAG, "")
-        if not pid.isdigit() or process_alive(int(pid), run.tags.get(PROCESS_START_TAG, "")):
+        if not pid.isdigit() or process_alive(int(pid), run.tags.get(PROCESS_START_TAG, "")) \
+                or _tags_copied_from_parent(instance, run):
             continue
         instance.report_run_failed(run, message=f"the process that ran this run (pid {pid} on {host}) is gone, "
                                                "killed: marked failed, its gpu slots freed")
@@ -79,6 +81,14 @@ def reclaim_dead_runs(instance: DagsterInstance) -> list[str]:
         reclaimed.append(run.run_id)
     free_slots_of_finished_runs(instance)
     return reclaimed
+
+
+def _tags_copied_from_parent(instance: DagsterInstance, run) -> bool:  # noqa: ANN001
+    """Whether `run`'s process tags are still those of the run it retries or re-executes: Dagster copies
+    them, and the dead process they name is the parent's, not this run's (which has not reached its
+    GPU step yet, where it tags itself)."""
+    parent = instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
+    return parent is not None and all(parent.tags.get(tag) == run.tags.get(tag) for tag in (HOST_TAG, PID_TAG, PROCESS_START_TAG))
 
 
 def free_slots_of_finished_runs(instance: DagsterInstance, pool: str = "gpu") -> list[str]:
