@@ -805,6 +805,7 @@ def _embedding_store(home: Path, store_dir: Path | None) -> Iterator:
     from vnp_core.embedding_cache import EmbeddingCache
 
     where = store_dir or home / "storage" / "embedding_cache"
+    _stat(store_dir or home, "--store" if store_dir else "--home")  # a URL is refused as such
     if not (where / "data.mdb").is_file():
         if store_dir:
             raise DoorError(f"--store {store_dir}: no embedding store there: give the folder of embedding_cache_dir")
