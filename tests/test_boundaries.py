@@ -36,9 +36,10 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 # +10 for the shard workers waiting for each other before the shards are handed out.
 # +90: the FP8 ops as three custom ops, two more Triton kernels, and memory formats pickled by name
 # (Inductor's cache key the same in a Ray actor as in a device process).
-# +10: a URL refused where a path is wanted (the door, the settings), and a failed Ray Client connect
-# retried on each of Ray's three ways of saying its server died, then undone.
-CODE_LINE_BUDGET = 5860
+# +15: a URL refused where a path is wanted (the door, the settings), a failed Ray Client connect
+# retried on each of Ray's three ways of saying its server died, then undone, and a retry's process
+# tags, copied from its parent, left unjudged.
+CODE_LINE_BUDGET = 5865
 
 
 def code_lines(source: str) -> int:
