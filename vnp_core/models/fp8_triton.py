@@ -44,14 +44,26 @@ def _gelu(x):
 
 
 @triton.jit
+def _this_row(n_cols, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    """This program's row, the columns of its two blocks, and which of the tail's are in the row."""
+    head_cols, tail_cols = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
+    return tl.program_id(0).to(tl.int64), head_cols, tail_cols, tail_cols < n_cols
+
+
+@triton.jit
+def _load_row(ptr, row, n_cols, head_cols, tail_cols, in_tail):
+    """Row `row` of the (M, n_cols) tensor at `ptr`, as its two blocks in fp32 (the tail padded with 0)."""
+    return (tl.load(ptr + row * n_cols + head_cols).to(tl.float32),
+            tl.load(ptr + row * n_cols + tail_cols, mask=in_tail, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _gelu_quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, E4M3_MAX: tl.constexpr, TINY: tl.constexpr,
                                HEAD: tl.constexpr, TAIL: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    head_cols, tail_cols = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
-    in_tail = tail_cols < n_cols
+    row, head_cols, tail_cols, in_tail = _this_row(n_cols, HEAD, TAIL)
+    head, tail = _load_row(x_ptr, row, n_cols, head_cols, tail_cols, in_tail)
     dtype = x_ptr.dtype.element_ty
-    head = _gelu(tl.load(x_ptr + row * n_cols + head_cols).to(tl.float32)).to(dtype).to(tl.float32)
-    tail = _gelu(tl.load(x_ptr + row * n_cols + tail_cols, mask=in_tail, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    head, tail = _gelu(head).to(dtype).to(tl.float32), _gelu(tail).to(dtype).to(tl.float32)
     _store_quantized(out_ptr, scale_ptr, row, head, tail, head_cols, tail_cols, in_tail, n_cols, E4M3_MAX, TINY)
 
 
@@ -59,23 +71,20 @@ def _gelu_quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, E4M3_MAX: tl.c
 def _add_layer_norm_quantize_rows_kernel(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_cols,
                                          eps, E4M3_MAX: tl.constexpr, TINY: tl.constexpr,
                                          HEAD: tl.constexpr, TAIL: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    head_cols, tail_cols = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
-    in_tail = tail_cols < n_cols
+    row, head_cols, tail_cols, in_tail = _this_row(n_cols, HEAD, TAIL)
+    x_head, x_tail = _load_row(x_ptr, row, n_cols, head_cols, tail_cols, in_tail)
+    delta_head, delta_tail = _load_row(delta_ptr, row, n_cols, head_cols, tail_cols, in_tail)
     dtype = x_ptr.dtype.element_ty
-    x_row, delta_row, sum_row = x_ptr + row * n_cols, delta_ptr + row * n_cols, sum_ptr + row * n_cols
-    head = (tl.load(x_row + head_cols).to(tl.float32) + tl.load(delta_row + head_cols).to(tl.float32)).to(dtype)
-    tail = (tl.load(x_row + tail_cols, mask=in_tail, other=0.0).to(tl.float32)
-            + tl.load(delta_row + tail_cols, mask=in_tail, other=0.0).to(tl.float32)).to(dtype)
-    tl.store(sum_row + head_cols, head)
-    tl.store(sum_row + tail_cols, tail, mask=in_tail)
+    head, tail = (x_head + delta_head).to(dtype), (x_tail + delta_tail).to(dtype)
+    tl.store(sum_ptr + row * n_cols + head_cols, head)
+    tl.store(sum_ptr + row * n_cols + tail_cols, tail, mask=in_tail)
     head, tail = head.to(tl.float32), tail.to(tl.float32)
     mean = (tl.sum(head, axis=0) + tl.sum(tail, axis=0)) / n_cols
     head, tail = head - mean, tl.where(in_tail, tail - mean, 0.0)
     rstd = tl.math.rsqrt((tl.sum(head * head, axis=0) + tl.sum(tail * tail, axis=0)) / n_cols + eps)
-    head = head * rstd * tl.load(weight_ptr + head_cols).to(tl.float32) + tl.load(bias_ptr + head_cols).to(tl.float32)
-    tail = (tail * rstd * tl.load(weight_ptr + tail_cols, mask=in_tail, other=0.0).to(tl.float32)
-            + tl.load(bias_ptr + tail_cols, mask=in_tail, other=0.0).to(tl.float32))
+    weight_head, weight_tail = _load_row(weight_ptr, 0, n_cols, head_cols, tail_cols, in_tail)
+    bias_head, bias_tail = _load_row(bias_ptr, 0, n_cols, head_cols, tail_cols, in_tail)
+    head, tail = head * rstd * weight_head + bias_head, tail * rstd * weight_tail + bias_tail
     head, tail = head.to(dtype).to(tl.float32), tail.to(dtype).to(tl.float32)
     _store_quantized(out_ptr, scale_ptr, row, head, tail, head_cols, tail_cols, in_tail, n_cols, E4M3_MAX, TINY)
 
@@ -83,11 +92,8 @@ def _add_layer_norm_quantize_rows_kernel(x_ptr, delta_ptr, sum_ptr, weight_ptr, 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, E4M3_MAX: tl.constexpr, TINY: tl.constexpr,
                           HEAD: tl.constexpr, TAIL: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    head_cols, tail_cols = tl.arange(0, HEAD), HEAD + tl.arange(0, TAIL)
-    in_tail = tail_cols < n_cols
-    head = tl.load(x_ptr + row * n_cols + head_cols).to(tl.float32)
-    tail = tl.load(x_ptr + row * n_cols + tail_cols, mask=in_tail, other=0.0).to(tl.float32)
+    row, head_cols, tail_cols, in_tail = _this_row(n_cols, HEAD, TAIL)
+    head, tail = _load_row(x_ptr, row, n_cols, head_cols, tail_cols, in_tail)
     _store_quantized(out_ptr, scale_ptr, row, head, tail, head_cols, tail_cols, in_tail, n_cols, E4M3_MAX, TINY)
 
 
