@@ -211,7 +211,7 @@ class RayGpuCluster(RayResource):
         options (an import of ray.data, pandas and pyarrow, here and in a task on the cluster), and a
         `runtime_env` with nothing in it, which dagster-ray always sends: Ray Client's proxy then asks the
         head's runtime-env agent for it, and the fork of its per-connection server failed 2 times in 8 on
-        a loopback head (2 in 74 without one; never in 58 with GRPC_ENABLE_FORK_SUPPORT=false on the head)."""
+        a loopback head (once in 48 without one; never in 48 with GRPC_ENABLE_FORK_SUPPORT=false on the head)."""
         import ray
         from dagster_ray.utils import _process_dagster_env_vars
 
