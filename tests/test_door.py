@@ -414,6 +414,7 @@ def test_make_tiny_refuses_places_it_cannot_use(work: Path) -> None:
     (["prep", "reads.fa", "--out-dir", "gs://bucket/out"], "--out-dir gs://bucket/out: a URL"),
     (["embed", "esm2", "https://example.org/p.faa", "--model", "m.pt", "--out", "e.h5"], "input https://example.org/p.faa: a URL"),
     (["cache", "stats", "--store", "s3://bucket/store"], "--store s3://bucket/store: a URL"),
+    (["cache", "stats", "--home", "GS://bucket/home"], "--home GS://bucket/home: a URL"),  # schemes have no case
 ])
 def test_a_url_where_a_path_is_wanted_is_refused_as_a_url(work: Path, args: list[str], expect: str) -> None:
     refused([work / arg if arg == "reads.fa" else arg for arg in args], expect, work)

@@ -43,7 +43,7 @@ TEMP_NAME_ROOM = 20
 CHUNK_LENGTHS = (300, 500)
 DTYPES = ("float32", "float16", "bfloat16")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
-URL_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:")  # s3:, gs:, https:, file: (a relative path's first part)
+URL_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # s3:, GS:, https:, file: (a relative path's first part)
 # `vnp_assets.run_sample.STAGES`, known here without importing it (and Dagster) before the checks.
 RUN_STAGES = ("sequence_index", "embeddings", "merged_embeddings", "fp16_validation_report", "virnucpro_predictions")
 
