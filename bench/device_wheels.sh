@@ -7,11 +7,14 @@
 #               79 MB wheel is cut in two, one part per folder, carried in two calls to one warm machine
 #               that has .wD installed already
 #   .benchdata  the genomes of ../shared/data/real (../shared does not travel)
-# On the machine:
-#   pip install -q --no-deps --target /tmp/site .wD/*.whl; export PYTHONPATH=/tmp/site:$PWD
-#   mkdir -p /tmp/wr && cp .wR1/* /tmp/wr/                                 (first Ray call)
-#   cp .wR2/* /tmp/wr/ && cat /tmp/wr/ray.part.* > /tmp/wr/ray-2.60.0-cp312-cp312-linux_x86_64.whl \
-#     && rm /tmp/wr/ray.part.* && pip install -q --no-deps --target /tmp/site /tmp/wr/*.whl   (second)
+# On the machine (pip --target skips a top-level folder that is there already, such as protobuf's
+# `google`, so the Ray set is installed in one pip call into a folder of its own):
+#   mkdir -p /tmp/wr && cp .wD/*.whl /tmp/wr/ && pip install -q --no-deps --target /tmp/site .wD/*.whl
+#   export PYTHONPATH=/tmp/site:$PWD                                          (the call with .wD)
+#   cp .wR1/* /tmp/wr/                                                        (the call with .wR1)
+#   cp .wR2/* /tmp/wr/ && cat /tmp/wr/ray.part.* > /tmp/wr/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl \
+#     && rm /tmp/wr/ray.part.* && pip install -q --no-deps --target /tmp/siteray /tmp/wr/*.whl
+#   export PYTHONPATH=/tmp/siteray:$PWD                                       (the call with .wR2)
 # Usage: bench/device_wheels.sh   (from anywhere; needs pip and the package index here)
 set -euo pipefail
 cd "$(dirname "$0")/.."

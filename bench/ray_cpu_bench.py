@@ -116,7 +116,17 @@ def wait_for_gpus(head: subprocess.Popen, address: str, gpus: int, temp_dir: Pat
              f"deadline = time.monotonic() + {timeout_s}\n"
              f"while ray_gpu_count({address!r}) < {gpus}:\n"
              f"    assert time.monotonic() < deadline, 'no GPUs'\n    time.sleep(0.5)\n")
-    subprocess.run([sys.executable, "-c", check], check=True, cwd=ROOT, timeout=timeout_s + 30)
+    try:
+        subprocess.run([sys.executable, "-c", check], check=True, cwd=ROOT, timeout=timeout_s + 30)
+    except subprocess.SubprocessError:
+        raise RuntimeError(f"the Ray head at {address} showed no {gpus} GPU(s); its logs end:\n{head_logs(temp_dir)}") from None
+
+
+def head_logs(temp_dir: Path, chars: int = 1500) -> str:
+    """The end of the head's own log and of its raylet's and GCS's, for a head that did not come up."""
+    logs = [temp_dir / "head.log", *sorted((temp_dir / "ray").glob("session_latest/logs/raylet.*")),
+            *sorted((temp_dir / "ray").glob("session_latest/logs/gcs_server.*"))]
+    return "\n".join(f"== {log.name}\n{log.read_text(errors='replace')[-chars:]}" for log in logs if log.is_file())
 
 
 def stop_head(head: subprocess.Popen) -> list[str]:

@@ -83,15 +83,17 @@ def write_reads(workdir: Path, n: int, dup_fraction: float = 0.0, genomes_dir: P
 
 
 def parse_runs(spec: str) -> list[tuple[str, int, dict]]:
-    """`2:local,2:ray,2:nostore,1:fp8` -> [(label, GPU count, run_sample settings)]."""
+    """`2:local,2:ray,2:nostore,1:fp8,1:compiled` -> [(label, GPU count, run_sample settings)]."""
     runs = []
     for label in spec.split(","):
         count, *options = label.split("#")[0].split(":")  # `#tag`: the same run again, e.g. 1:nostore#2
-        unknown = set(options) - {"local", "ray", "nostore", "fp8"}
+        unknown = set(options) - {"local", "ray", "nostore", "fp8", "compiled"}
         if unknown or not count.isdigit() or label in [run[0] for run in runs]:
-            raise SystemExit(f"--runs {label!r}: expected GPUS[:local|ray][:nostore][:fp8], each label once")
+            raise SystemExit(f"--runs {label!r}: expected GPUS[:local|ray][:nostore][:fp8][:compiled], each label once")
+        # `compiled`: both models compiled whatever the shard's size (compile_min_tokens 0).
         runs.append((label, int(count), {"executor": "ray" if "ray" in options else "local",
-                                         "embedding_cache": "nostore" not in options, "fp8": "fp8" in options}))
+                                         "embedding_cache": "nostore" not in options, "fp8": "fp8" in options,
+                                         **({"compile_min_tokens": 0} if "compiled" in options else {})}))
     return runs
 
 
