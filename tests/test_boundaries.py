@@ -39,7 +39,9 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 # +15: a URL refused where a path is wanted (the door, the settings), a failed Ray Client connect
 # retried on each of Ray's three ways of saying its server died, then undone, and a retry's process
 # tags, copied from its parent, left unjudged.
-CODE_LINE_BUDGET = 5865
+# +6: a run on Ray leaves its caller's process unconnected, as it found it (Ray ends a connected
+# process 60 s after its cluster has gone).
+CODE_LINE_BUDGET = 5871
 
 
 def code_lines(source: str) -> int:

@@ -526,6 +526,21 @@ def test_vnp_run_on_ray_starts_each_steps_actor_ahead(loopback_cluster, tiny_mod
     assert len(placed) == 2 and all(line.endswith("; its actor was started ahead") for line in placed), placed
 
 
+def test_vnp_run_on_ray_one_step_at_a_time_leaves_the_process_unconnected(loopback_cluster, tiny_models_dir, tmp_path):
+    # One shard: the step runs in this process, on its actor started ahead. Ray would end a process left
+    # connected 60 s after its cluster went, so the caller gets its process back as it was.
+    from vnp_assets.ray_execution import _started_ahead
+    from vnp_assets.run_sample import run_sample
+
+    flu = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "influenza_a_california_07_2009.fasta"
+    assert not ray.is_initialized()
+    run = run_sample(flu, home=tmp_path / "home", until="embeddings", num_shards=1, executor="ray", ray_device="cpu",
+                     ray_address=loopback_cluster.gcs_address, lock_dir=str(tmp_path / "gpu-locks"),
+                     tiny_models_dir=str(tiny_models_dir), console_log_level="WARNING")
+    assert "embeddings (1 steps of 2 models)" in run.stage_seconds
+    assert not ray.is_initialized() and not _started_ahead
+
+
 # The deployment configs, checked offline.
 
 DEPLOY = Path(__file__).resolve().parents[1] / "vnp_assets" / "deploy"

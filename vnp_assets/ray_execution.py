@@ -53,7 +53,8 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from logging import Logger
 from types import SimpleNamespace
 from typing import Any
@@ -361,20 +362,31 @@ class RayGpuCluster(RayResource):
                      f"({self.gpu_count(log)} GPUs in the cluster)")
 
 
-def ray_gpu_count(address: str, *, connect_timeout_s: float = 10.0, log: Logger | None = None) -> int:
-    """The GPUs of the Ray cluster at `address` (its alive nodes): the size of the Dagster `gpu` pool.
+@contextmanager
+def ray_left_as_found(cluster: RayGpuCluster) -> Iterator[None]:
+    """Within, `cluster` may connect this process to Ray; after, it is connected only if it was before.
 
-    Connects this process for the question, and leaves it as it found it (connected or not).
+    A caller's process outlives the runs it makes, and Ray ends a connected process once its cluster
+    has been gone for 60 s ("Failed to connect to GCS ... The program will terminate").
     """
     import ray
 
-    cluster = RayGpuCluster(address=address, connect_timeout_s=connect_timeout_s)
     was_connected = ray.is_initialized()
     try:
-        return cluster.gpu_count(log)
+        yield
     finally:
-        if not was_connected:
+        if not was_connected and ray.is_initialized():
+            _started_ahead.pop(cluster.address, None)  # an actor handle does not outlive its connection
             cluster.disconnect()
+            ray.shutdown()  # a no-op unless another resource connected this process
+
+
+def ray_gpu_count(address: str, *, connect_timeout_s: float = 10.0, log: Logger | None = None) -> int:
+    """The GPUs of the Ray cluster at `address` (its alive nodes): the size of the Dagster `gpu` pool.
+    Connects this process for the question only."""
+    cluster = RayGpuCluster(address=address, connect_timeout_s=connect_timeout_s)
+    with ray_left_as_found(cluster):
+        return cluster.gpu_count(log)
 
 
 def _progress_lines(reports: dict[str, dict], logged: dict[str, str]) -> list[str]:

@@ -98,7 +98,11 @@ def run_sample(input: Path, *, home: Path = Path("vnp_home"), until: str = "virn
     if not input.is_file():
         raise FileNotFoundError(f"{input}: no such file")
     resources = resources_from_settings({key: value for key, value in settings.items() if value is not None}, home)
-    with sample_lock(resources["storage"], name):
+    with sample_lock(resources["storage"], name), ExitStack() as ray_connection:
+        if resources["gpus"].executor == "ray":  # a step run here connects this process: not past the run
+            from vnp_assets.ray_execution import ray_left_as_found
+
+            ray_connection.enter_context(ray_left_as_found(resources["gpus"].ray_cluster))
         return _run_sample_locked(input, name, home, until, resources, console_at(console_log_level))
 
 
