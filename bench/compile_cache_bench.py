@@ -4,6 +4,8 @@ run before), per model. Each variant runs in a process of its own, as a GPU step
 
 On the lent H200 (the device README's wheels first):
     python bench/compile_cache_bench.py --workdir /tmp/vnp_s --out $OUT/compile_cache.json
+The "floats symbolic" variants leave torch's default of tracing the layers' Python floats as symbols,
+which `configure_compiler` turns off (Dynamo then traces each model once, not twice).
 On this CPU-only machine, `--smoke` checks the script with tiny models (nothing compiles on the CPU).
 """
 
@@ -21,9 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# (variant, compile the layers, empty the cache first)
-VARIANTS = [("eager", False, False), ("compiled, empty cache", True, True),
-            ("compiled, warm cache", True, False), ("compiled, warm cache again", True, False)]
+# (variant, compile the layers, empty the cache first, floats symbolic)
+VARIANTS = [("eager", False, False, False), ("compiled, empty cache", True, True, False),
+            ("compiled, warm cache", True, False, False), ("compiled, warm cache, floats symbolic", True, False, True),
+            ("compiled, warm cache again", True, False, False),
+            ("compiled, warm cache, floats symbolic again", True, False, True)]
 
 
 def sequences(model: str, count: int, seed: int = 0) -> list[str]:
@@ -34,8 +38,11 @@ def sequences(model: str, count: int, seed: int = 0) -> list[str]:
     return ["".join(rng.choices("ACDEFGHIKLMNPQRSTVWY", k=rng.randint(20, 50))) for _ in range(count)]
 
 
-def one_variant(model: str, model_path: str, count: int, compiled: bool, cache: str, out: str, device: str) -> dict:
+def one_variant(model: str, model_path: str, count: int, compiled: bool, cache: str, out: str, device: str,
+                symbolic_floats: bool) -> dict:
     """In a fresh process: load, tokenise, maybe compile, embed; the engine's own figures."""
+    import torch._dynamo
+
     from vnp_core.config import EmbedConfig
     from vnp_core.engine import compile_if_worth_it, embed_tokenized, tokenize
     from vnp_core.models import model_spec
@@ -50,6 +57,8 @@ def one_variant(model: str, model_path: str, count: int, compiled: bool, cache: 
     ids = [f"s{i}" for i in range(len(rows))]
     tokenized = tokenize(loaded.tokenizer, ids, rows, 0)
     loaded = compile_if_worth_it(loaded, config, len(tokenized.tokens))
+    if symbolic_floats:  # torch's default back, after the engine's `configure_compiler`; tracing starts at the first pack
+        torch._dynamo.config.specialize_float = False
     stats = embed_tokenized(loaded, ids, tokenized, Path(out), config)
     return {"load_seconds": load_seconds, "tokens": stats.tokens, "seconds": stats.seconds,
             "tokens_per_s": stats.tokens_per_s, "first_pack_seconds": stats.first_pack_seconds,
@@ -63,14 +72,15 @@ def main() -> None:
     parser.add_argument("--esm2-size", default="3B")
     parser.add_argument("--esm2-sequences", type=int, default=30000)
     parser.add_argument("--dnabert-s-sequences", type=int, default=150000)
+    parser.add_argument("--models", default="dnabert_s,esm2")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--worker", nargs=6, metavar=("MODEL", "PATH", "COUNT", "COMPILED", "CACHE", "OUT"),
+    parser.add_argument("--worker", nargs=7, metavar=("MODEL", "PATH", "COUNT", "COMPILED", "CACHE", "OUT", "SYMBOLIC"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if args.worker:
-        model, path, count, compiled, cache, out = args.worker
-        print(json.dumps(one_variant(model, path, int(count), compiled == "1", cache, out, device)))
+        model, path, count, compiled, cache, out, symbolic = args.worker
+        print(json.dumps(one_variant(model, path, int(count), compiled == "1", cache, out, device, symbolic == "1")))
         return
 
     import platform
@@ -87,9 +97,9 @@ def main() -> None:
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             **installed_versions("fair-esm", "h5py", "tokenizers")},
                "runs": []}
-    for model in ("dnabert_s", "esm2"):
+    for model in args.models.split(","):
         cache = args.workdir / f"compile_cache_{model}"
-        for variant, compiled, empty in VARIANTS:
+        for variant, compiled, empty, symbolic in VARIANTS:
             if empty:
                 shutil.rmtree(cache, ignore_errors=True)
             out = args.workdir / f"{model}_compile_bench.h5"
@@ -97,7 +107,7 @@ def main() -> None:
             started = time.perf_counter()
             done = subprocess.run([sys.executable, __file__, *(["--smoke"] if args.smoke else []), "--worker", model,
                                    models[f"{model}_model"], str(counts[model]), "1" if compiled else "0", str(cache),
-                                   str(out)], capture_output=True, text=True, timeout=600)
+                                   str(out), "1" if symbolic else "0"], capture_output=True, text=True, timeout=600)
             if done.returncode:
                 raise SystemExit(f"{model} {variant} failed:\n{done.stderr[-3000:]}")
             run = {"model": model, "variant": variant, "process_seconds": time.perf_counter() - started,

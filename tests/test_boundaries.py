@@ -40,8 +40,9 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 # retried on each of Ray's three ways of saying its server died, then undone, and a retry's process
 # tags, copied from its parent, left unjudged.
 # +6: a run on Ray leaves its caller's process unconnected, as it found it (Ray ends a connected
-# process 60 s after its cluster has gone).
-CODE_LINE_BUDGET = 5871
+# process 60 s after its cluster has gone). +1: the layers' floats traced as constants (each model
+# traced once at a process's first pack, not twice).
+CODE_LINE_BUDGET = 5872
 
 
 def code_lines(source: str) -> int:

@@ -30,7 +30,7 @@ from vnp_core.engine import (
     embed_fasta_to_hdf5,
     embed_sequences,
     embed_shards,
-    use_compile_cache,
+    configure_compiler,
 )
 from vnp_core.fasta import FastaError
 from vnp_core.index import COLUMNS as INDEX_COLUMNS
@@ -542,10 +542,10 @@ if sys.argv[2] == "ray-like":
     sys.modules["a_module_ahead"] = ahead = types.ModuleType("a_module_ahead")
 import torch
 from torch._dynamo.utils import counters
-from vnp_core.engine import use_compile_cache
+from vnp_core.engine import configure_compiler
 if sys.argv[2] == "ray-like":
     ahead.torch = torch
-use_compile_cache(Path(sys.argv[1]))
+configure_compiler(Path(sys.argv[1]))
 layer = torch.nn.Linear(8, 8)  # its parameters are the graph's static inputs, with their memory format
 torch.compile(lambda x: torch.nn.functional.gelu(layer(x)) * 2, fullgraph=True)(torch.randn(4, 8))
 print(counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
@@ -569,7 +569,7 @@ def test_a_compile_is_kept_in_the_compile_cache_for_the_next_process_however_it_
 def test_a_memory_format_pickled_by_name_unpickles_as_itself():
     import pickle
 
-    use_compile_cache(None)
+    configure_compiler(None)
     for memory_format in (torch.contiguous_format, torch.channels_last, torch.preserve_format):
         pickled = pickle.dumps(memory_format)
         assert b"vnp_core.engine" in pickled and pickle.loads(pickled) is memory_format
@@ -581,11 +581,51 @@ def test_the_compile_cache_setting_leaves_torch_default_alone_when_unset(tmp_pat
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     default = cache_dir()
-    use_compile_cache(None)
+    configure_compiler(None)
     assert cache_dir() == default
-    use_compile_cache(tmp_path / "compiled")
+    configure_compiler(tmp_path / "compiled")
     assert cache_dir() == str(tmp_path / "compiled")
     assert triton_cache_dir(0) == str(tmp_path / "compiled" / "triton")
+
+
+# Both models' layers compiled as the engine compiles them (`aot_eager`: the same tracing, no C compiler),
+# in a process of its own (Dynamo's settings are the process's); prints how often AOTAutograd was
+# entered: once per traced graph, twice where Dynamo traced a model again.
+TRACE_ONCE = """
+import sys
+import torch
+from torch._dynamo.utils import counters
+from vnp_core.engine import configure_compiler
+from vnp_core.models.dnabert_s import DnabertSConfig, PackedDnabertS
+from vnp_core.models.esm2 import ESM2Config, PackedESM2
+from vnp_core.packing import PackedBatch
+
+if sys.argv[1] == "configured":
+    configure_compiler(None)
+lengths = [9, 14, 6]
+batch = PackedBatch(torch.randint(4, 24, (sum(lengths),)), torch.tensor([0, 9, 23, 29], dtype=torch.int32),
+                    torch.cat([torch.arange(n) for n in lengths]), max(lengths), torch.arange(3))
+dnabert_s = PackedDnabertS(DnabertSConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, vocab_size=32), "sdpa_padded").eval()
+esm2 = PackedESM2.from_config(ESM2Config(num_layers=2, embed_dim=32, attention_heads=4), "cpu", torch.float32, "sdpa_padded")
+for model in (dnabert_s, esm2):
+    model.compile_layers(backend="aot_eager")
+    with torch.inference_mode():
+        model(batch)
+print(counters["aot_autograd"]["total"])
+"""
+
+
+def test_the_compiler_traces_each_model_once():
+    # Left symbolic, the layers' Python floats (eps, the attention scale) make Dynamo trace each model a
+    # second time, ~1.3-1.6 s at every process's first pack.
+    def graphs_traced(setup: str) -> int:
+        done = subprocess.run([sys.executable, "-c", TRACE_ONCE, setup], capture_output=True, text=True, timeout=300,
+                              check=True, cwd=Path(__file__).resolve().parents[1])
+        return int(done.stdout.split()[-1])
+
+    assert graphs_traced("configured") == 2
+    assert graphs_traced("torch's defaults") == 4  # what the setting saves
 
 
 class CompilingMeanEmbedding(MeanEmbedding):

@@ -170,10 +170,10 @@ class PackedDnabertS(nn.Module):
             x = layer(x, plan)
         return x
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, backend: str = "inductor") -> None:
         """Fuse each layer's elementwise work with torch.compile; shapes vary per pack, hence dynamic."""
         for layer in self.encoder.layer:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, backend=backend)
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> torch.Tensor:

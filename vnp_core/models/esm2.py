@@ -213,10 +213,10 @@ class PackedESM2(nn.Module):
             x, delta = layer(x, delta, plan, cos, sin)
         return self.emb_layer_norm_after(x + delta)
 
-    def compile_layers(self) -> None:
+    def compile_layers(self, backend: str = "inductor") -> None:
         """Fuse each layer's elementwise work with torch.compile; shapes vary per pack, hence dynamic."""
         for layer in self.layers:
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, backend=backend)
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> torch.Tensor:
