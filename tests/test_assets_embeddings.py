@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -25,8 +24,8 @@ from vnp_assets.partitions import sample_shard_key
 from conftest import Resources
 from vnp_assets.resources import GpuPool
 from vnp_assets.run_sample import materialize_shard, resource_fields
+from real_genomes import REAL_DATA
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 ASSETS = build_assets(num_shards=2)
 MODELS = ("dnabert_s", "esm2")  # the order the step runs them in
 

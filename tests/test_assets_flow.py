@@ -24,9 +24,7 @@ from vnp_assets.run_liveness import PID_TAG
 from vnp_assets.run_sample import run_sample
 from vnp_assets.sensors import fasta_inbox_sensor
 from vnp_assets.cli import app
-
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-FLU = REAL_DATA / "influenza_a_california_07_2009.fasta"
+from real_genomes import FLU, REAL_DATA
 
 
 @pytest.mark.slow

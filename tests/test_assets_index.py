@@ -10,8 +10,7 @@ from dagster import DagsterInstance, materialize
 
 from vnp_assets.assets.sequence_index import sequence_index
 from conftest import Resources
-
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+from real_genomes import REAL_DATA
 
 
 def test_sequence_index_writes_prep_files_index_and_metadata(vnp_resources: Resources, instance: DagsterInstance,

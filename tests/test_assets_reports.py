@@ -12,8 +12,8 @@ from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, m
 from vnp_assets.assets import build_assets
 from vnp_assets.platform import build_definitions
 from conftest import Resources
+from real_genomes import REAL_DATA
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 ASSETS = build_assets(num_shards=2)
 
 

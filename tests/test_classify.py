@@ -20,8 +20,8 @@ from vnp_core.config import PrepConfig
 from vnp_core.index import build_index
 from vnp_core.prep import prepare_fasta
 from vnp_core.tiny_models import write_tiny_classifier
+from real_genomes import REAL_DATA
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 IN_FEATURES = 24
 

@@ -21,8 +21,8 @@ from vnp_core.models.dnabert_s_checkpoint import load_dnabert_s
 from vnp_core.models.reference import dnabert_s_reference
 from vnp_core.tiny_models import write_tiny_dnabert_s
 from vnp_core.packing import make_batch
+from real_genomes import REAL_DATA
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 BACKENDS = ["sdpa_reference", "sdpa_padded", "flex"]
 
 

@@ -37,8 +37,8 @@ from vnp_core.index import COLUMNS as INDEX_COLUMNS
 from vnp_core.models import MODELS, LoadedModel, SequenceTokenizer, model_spec
 from vnp_core.packing import make_batch, segment_mean
 from vnp_core.store import ShardCheckpoint, checkpoint_path, read_embeddings
+from real_genomes import REAL_DATA
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 LETTERS = "ACDEFGHIKLMNPQRSTVWY"
 
 

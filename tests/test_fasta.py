@@ -4,8 +4,7 @@ from pathlib import Path
 import pytest
 
 from vnp_core.fasta import BadRecord, FastaError, FastaRecord, iter_records, read_fasta
-
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+from real_genomes import REAL_DATA
 
 
 def write(tmp_path: Path, content: bytes, name: str = "in.fasta") -> Path:
@@ -22,17 +21,17 @@ def test_multi_line_records_with_crlf_blank_lines_and_lower_case(tmp_path):
 
 
 def test_gzip_is_recognised_by_its_magic_bytes_not_its_name(tmp_path):
-    plain = REAL / "influenza_a_california_07_2009.fasta"
+    plain = REAL_DATA / "influenza_a_california_07_2009.fasta"
     disguised = write(tmp_path, gzip.compress(plain.read_bytes()), name="segments.txt")
     assert read_fasta(disguised).records == read_fasta(plain).records
 
 
 def test_real_genome_ids_and_lengths():
-    records = read_fasta(REAL / "influenza_a_california_07_2009.fasta").records
+    records = read_fasta(REAL_DATA / "influenza_a_california_07_2009.fasta").records
     assert [r.id.rsplit("_", 1)[1] for r in records] == [
         "CY266197", "CY266193", "CY266191", "CY266198", "CY266195", "CY266196", "CY266194", "CY266192"]
     assert sum(len(r.sequence) for r in records) == 13_332
-    lam = read_fasta(REAL / "lambda.fasta").records[0]
+    lam = read_fasta(REAL_DATA / "lambda.fasta").records[0]
     assert (lam.id, lam.description) == ("gi|9626243|ref|NC_001416.1|", "Enterobacteria phage lambda, complete genome")
     assert len(lam.sequence) == 48_502
 

@@ -29,8 +29,8 @@ from vnp_core.models.esm2 import TOKENS
 from vnp_core.prep import prepare_records
 from vnp_core.store import checkpoint_path, read_embeddings
 from vnp_core.tiny_models import write_tiny_esm2
+from real_genomes import REAL_DATA
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 OVERFLOWING_RESIDUE = "H"
 DOWNSTREAM = ("merged_embeddings", "fp16_validation_report", "virnucpro_predictions")
 ASSETS = build_assets(num_shards=1)

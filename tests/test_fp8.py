@@ -20,6 +20,7 @@ from vnp_core.models.fp8 import (E4M3, E4M3_MAX, Fp8Gelu, Fp8Linear, Fp8Residual
 from vnp_core.models.reference import esm2_reference
 from vnp_core.packing import make_batch
 from vnp_core.tiny_models import write_tiny_esm2
+from real_genomes import FLU
 
 SEQUENCES = ["MKV", "LAGVSERTIDPKQNFYMHWC" * 3, "MSTNPKPQRKTKRNTNRRPQDVKFPGG" * 4, "W"]
 
@@ -155,7 +156,7 @@ def test_vnp_run_with_fp8_embeds_esm2_in_fp8_and_its_validation_checks_the_calls
     from vnp_core.store import read_attrs
 
     fasta = tmp_path / "flu.fasta"
-    shutil.copyfile(Path(__file__).resolve().parents[2] / "shared/data/real/influenza_a_california_07_2009.fasta", fasta)
+    shutil.copyfile(FLU, fasta)
     home = tmp_path / "home"
     refused = CliRunner().invoke(app, ["run", str(fasta), "--home", str(home), "--fp8", "--dtype", "float32"])
     assert refused.exit_code == 1 and "--fp8 keeps activations in float16 or bfloat16" in refused.output

@@ -1,5 +1,4 @@
 import math
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -21,18 +20,17 @@ from vnp_core.index import (
 from vnp_core.models.dnabert_s import DnabertSTokenizer
 from vnp_core.tiny_models import write_tiny_dnabert_s
 from vnp_core.prep import prepare_records
-
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+from real_genomes import REAL_DATA
 
 
 @pytest.fixture(scope="module")
 def t4_frames() -> pl.DataFrame:
-    return prepare_records(read_fasta(REAL / "t4.fasta").records, PrepConfig(chunk_length=300)).frames
+    return prepare_records(read_fasta(REAL_DATA / "t4.fasta").records, PrepConfig(chunk_length=300)).frames
 
 
 @pytest.fixture(scope="module")
 def two_genomes_frames(t4_frames) -> pl.DataFrame:
-    bacterium = read_fasta(REAL / "cdiphtheriae_NCTC11397_100kb.fasta").records
+    bacterium = read_fasta(REAL_DATA / "cdiphtheriae_NCTC11397_100kb.fasta").records
     return pl.concat([t4_frames, prepare_records(bacterium, PrepConfig(chunk_length=300)).frames])
 
 
@@ -107,7 +105,6 @@ def test_token_counts():
     assert (rows["r_chunk_1F3"]["nucleotide_length"], rows["r_chunk_1F3"]["protein_length"]) == (7, 2)
     assert rows["r_chunk_1F3"]["esm2_tokens"] == 4
     assert rows["r_chunk_1F3"]["dnabert_s_tokens"] == math.ceil(7 / 4.5) + 2  # the documented estimate
-
 
 
 def test_dnabert_s_token_ids_are_kept_with_their_tokenizer_and_read_back_per_shard(tmp_path, t4_frames):

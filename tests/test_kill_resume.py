@@ -28,12 +28,12 @@ from vnp_assets.resources import SampleStorage
 from vnp_assets.run_liveness import HOST_TAG, PID_TAG, PROCESS_START_TAG, process_tags, reclaim_dead_runs
 from vnp_assets.run_sample import SampleBusyError, sample_lock
 from vnp_core.models import MODELS
+from real_genomes import REAL_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 VNP = ROOT / ".venv" / "bin" / "vnp"
 if not VNP.exists():
     VNP = Path(sys.executable).with_name("vnp")
-REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 TOKEN_VARIABLE = "VNP_TEST_PROCESS_TOKEN"
 READS = 100
 # An ESM-2 large enough (35M parameters) that its shard takes seconds on a CPU, after DNABERT-S's has

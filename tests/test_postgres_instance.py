@@ -22,6 +22,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatu
 from services import PostgresServer, postgres, postgres_url  # noqa: F401  (fixtures)
 
 from vnp_assets.instance import HomeError, HomeMismatchError, postgres_storage, prepare_home
+from real_genomes import FLU
 
 # The SQLite flow, collected again in this module, where `instance` below is PostgreSQL.
 from test_assets_flow import (  # noqa: F401  (collected as a test of this module)
@@ -30,7 +31,6 @@ from test_assets_flow import (  # noqa: F401  (collected as a test of this modul
 
 REPO = Path(__file__).resolve().parents[1]
 VNP = Path(sys.executable).parent / "vnp"
-FLU = REPO.parent / "shared" / "data" / "real" / "influenza_a_california_07_2009.fasta"
 ASSETS = ["sequence_index", "esm2_embeddings", "dnabert_s_embeddings", "merged_embeddings", "fp16_validation_report",
           "virnucpro_predictions"]
 

@@ -10,9 +10,9 @@ from vnp_core.config import PrepConfig
 from vnp_core.fasta import FastaRecord, read_fasta
 from vnp_core.prep import chunk_bounds, fasta_stem, prepare_fasta, prepare_records
 from vnp_core.simulate import simulate_reads
+from real_genomes import REAL_DATA
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-GENOMES = sorted(REAL.glob("*.fasta"))
+GENOMES = sorted(REAL_DATA.glob("*.fasta"))
 
 # ---------------------------------------------------------------------------------------------
 # A deliberately plain reference, one record at a time, transcribed from
@@ -105,7 +105,7 @@ def test_byte_identical_to_the_reference_on_real_genomes(tmp_path, genome, c):
 @pytest.mark.parametrize("c", [300, 500])
 def test_byte_identical_on_reads_with_n_iupac_and_lower_case(tmp_path, c):
     genomes = {path.stem: read_fasta(path).records[0].sequence
-               for path in (REAL / "kutzneria_KK037166.fasta", REAL / "phiX174.fasta", REAL / "t4.fasta")}
+               for path in (REAL_DATA / "kutzneria_KK037166.fasta", REAL_DATA / "phiX174.fasta", REAL_DATA / "t4.fasta")}
     reads = simulate_reads(genomes, 3000, 150, seed=c)
     # Kutzneria's N runs, phiX174's lower case and T4's M/S/R are rare: add more, and U.
     rng = random.Random(c)
@@ -221,7 +221,7 @@ def test_lower_case_is_kept_in_chunks_and_upper_cased_for_translation(tmp_path):
 
 
 def test_gzipped_input_gives_the_same_files_named_after_the_stem(tmp_path):
-    source = REAL / "hiv1_hxb2.fasta"
+    source = REAL_DATA / "hiv1_hxb2.fasta"
     gzipped = tmp_path / "hiv.fasta.gz"
     gzipped.write_bytes(gzip.compress(source.read_bytes()))
     result = prepare_fasta(gzipped, tmp_path / "out", PrepConfig(chunk_length=300))
@@ -284,7 +284,7 @@ def test_a_failed_write_leaves_no_output_and_no_temporary_file(tmp_path):
 
 
 def test_cli_prep(tmp_path):
-    genome = REAL / "phiX174.fasta"
+    genome = REAL_DATA / "phiX174.fasta"
     result = CliRunner().invoke(app, ["prep", str(genome), "--out-dir", str(tmp_path), "--chunk-length", "300"])
     assert result.exit_code == 0, result.output
     assert f"{genome}: 1 records, 18 chunks of at most 300 bp" in result.output

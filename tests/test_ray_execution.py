@@ -41,6 +41,7 @@ from vnp_assets.ray_execution import (  # noqa: E402
     RayGpuStepError,
     ray_gpu_count,
 )
+from real_genomes import FLU
 
 pytestmark = pytest.mark.slow
 
@@ -477,7 +478,7 @@ def test_a_sample_through_the_graph_on_ray_gives_the_local_merged_vectors_bit_fo
     from vnp_assets.samples import register_sample
     from vnp_core.store import read_merged
 
-    flu = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "influenza_a_california_07_2009.fasta"
+    flu = FLU
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the local device process: one CPU thread, as a Ray step's share
     assets = build_assets(num_shards=2)
     merged = {}
@@ -514,7 +515,7 @@ def test_vnp_run_on_ray_starts_each_steps_actor_ahead(loopback_cluster, tiny_mod
 
     from vnp_assets.run_sample import run_sample
 
-    flu = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "influenza_a_california_07_2009.fasta"
+    flu = FLU
     home = tmp_path / "home"
     run = run_sample(flu, home=home, until="embeddings", num_shards=2, executor="ray", ray_device="cpu",
                      ray_address=loopback_cluster.gcs_address, lock_dir=str(tmp_path / "gpu-locks"),
@@ -532,7 +533,7 @@ def test_vnp_run_on_ray_one_step_at_a_time_leaves_the_process_unconnected(loopba
     from vnp_assets.ray_execution import _started_ahead
     from vnp_assets.run_sample import run_sample
 
-    flu = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "influenza_a_california_07_2009.fasta"
+    flu = FLU
     assert not ray.is_initialized()
     run = run_sample(flu, home=tmp_path / "home", until="embeddings", num_shards=1, executor="ray", ray_device="cpu",
                      ray_address=loopback_cluster.gcs_address, lock_dir=str(tmp_path / "gpu-locks"),

@@ -31,6 +31,7 @@ import pytest
 from services import DagsterServices, alive, dagster_services, descendants, free_port, wait_for_http, with_default_signals
 
 from vnp_assets.instance import prepare_home
+from real_genomes import PHIX
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install -e .[dev] brings playwright")
 expect = playwright_sync.expect
@@ -38,7 +39,6 @@ expect = playwright_sync.expect
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-PHIX = REPO.parent / "shared" / "data" / "real" / "phiX174.fasta"
 SAMPLE = "phiX174"
 ASSETS = ["sequence_index", "esm2_embeddings", "dnabert_s_embeddings", "merged_embeddings", "fp16_validation_report",
           "virnucpro_predictions"]
