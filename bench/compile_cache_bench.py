@@ -97,6 +97,8 @@ def main() -> None:
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             **installed_versions("fair-esm", "h5py", "tokenizers")},
                "runs": []}
+    if unknown := set(args.models.split(",")) - {"dnabert_s", "esm2"}:
+        raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))} (expected dnabert_s, esm2 or both)")
     for model in args.models.split(","):
         cache = args.workdir / f"compile_cache_{model}"
         for variant, compiled, empty, symbolic in VARIANTS:

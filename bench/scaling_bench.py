@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--rerun-classifier", action="store_true",
                         help="Then rerun the last run's sample with another classifier, to the end, timed.")
     args = parser.parse_args()
+    runs = parse_runs(args.runs) if args.runs else [(c, int(c), {}) for c in args.gpus.split(",")]
 
     import torch
 
@@ -155,7 +156,6 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                      **installed_versions("dagster", "polars", "h5py", "numpy", "tokenizers", "fair-esm")},
     })
-    runs = parse_runs(args.runs) if args.runs else [(c, int(c), {}) for c in args.gpus.split(",")]
     for label, count, options in runs:
         home = home_of(args.workdir, label)
         if home.exists() and not args.reuse_homes:

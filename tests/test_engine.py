@@ -618,7 +618,7 @@ print(counters["aot_autograd"]["total"])
 
 def test_the_compiler_traces_each_model_once():
     # Left symbolic, the layers' Python floats (eps, the attention scale) make Dynamo trace each model a
-    # second time (1.3-1.6 s on a 2-core CPU).
+    # second time (0.2-1.5 s on a 2-core CPU).
     def graphs_traced(setup: str) -> int:
         done = subprocess.run([sys.executable, "-c", TRACE_ONCE, setup], capture_output=True, text=True, timeout=300,
                               check=True, cwd=Path(__file__).resolve().parents[1])

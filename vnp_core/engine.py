@@ -291,7 +291,7 @@ def configure_compiler(cache_dir: Path | None) -> None:
     copyreg.pickle(torch.memory_format, lambda memory_format: (_memory_format, (str(memory_format),)))
     # The layers' Python floats (LayerNorm's eps, the attention scale) as constants from the start. Left
     # symbolic, Dynamo traces each model, finds them, and traces it again with them as constants: the
-    # same graph, 1.3-1.6 s more tracing on a 2-core CPU (on an H200 host the first pack did not
+    # same graph, 0.2-1.5 s more tracing on a 2-core CPU (on an H200 host the first pack did not
     # measurably change: bench/BENCHMARKS.md).
     torch._dynamo.config.specialize_float = True
 
