@@ -68,10 +68,9 @@ def _gelu_quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, E4M3_MAX: tl.c
 
 
 @triton.jit
-def _add_layer_norm_quantize_rows_kernel(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_cols,
-                                         eps, E4M3_MAX: tl.constexpr, TINY: tl.constexpr,
-                                         HEAD: tl.constexpr, TAIL: tl.constexpr):
-    row, head_cols, tail_cols, in_tail = _this_row(n_cols, HEAD, TAIL)
+def _add_layer_norm_row(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr, row, n_cols, eps, head_cols, tail_cols, in_tail):
+    """Stores row `row` of `x + delta` (in x's dtype) and returns its LayerNorm as two fp32 blocks
+    rounded as x's dtype."""
     x_head, x_tail = _load_row(x_ptr, row, n_cols, head_cols, tail_cols, in_tail)
     delta_head, delta_tail = _load_row(delta_ptr, row, n_cols, head_cols, tail_cols, in_tail)
     dtype = x_ptr.dtype.element_ty
@@ -85,8 +84,27 @@ def _add_layer_norm_quantize_rows_kernel(x_ptr, delta_ptr, sum_ptr, weight_ptr, 
     weight_head, weight_tail = _load_row(weight_ptr, 0, n_cols, head_cols, tail_cols, in_tail)
     bias_head, bias_tail = _load_row(bias_ptr, 0, n_cols, head_cols, tail_cols, in_tail)
     head, tail = head * rstd * weight_head + bias_head, tail * rstd * weight_tail + bias_tail
-    head, tail = head.to(dtype).to(tl.float32), tail.to(dtype).to(tl.float32)
+    return head.to(dtype).to(tl.float32), tail.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _add_layer_norm_quantize_rows_kernel(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, scale_ptr, n_cols,
+                                         eps, E4M3_MAX: tl.constexpr, TINY: tl.constexpr,
+                                         HEAD: tl.constexpr, TAIL: tl.constexpr):
+    row, head_cols, tail_cols, in_tail = _this_row(n_cols, HEAD, TAIL)
+    head, tail = _add_layer_norm_row(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr, row, n_cols, eps,
+                                     head_cols, tail_cols, in_tail)
     _store_quantized(out_ptr, scale_ptr, row, head, tail, head_cols, tail_cols, in_tail, n_cols, E4M3_MAX, TINY)
+
+
+@triton.jit
+def _add_layer_norm_rows_kernel(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr, out_ptr, n_cols, eps,
+                                HEAD: tl.constexpr, TAIL: tl.constexpr):
+    row, head_cols, tail_cols, in_tail = _this_row(n_cols, HEAD, TAIL)
+    head, tail = _add_layer_norm_row(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr, row, n_cols, eps,
+                                     head_cols, tail_cols, in_tail)
+    tl.store(out_ptr + row * n_cols + head_cols, head.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * n_cols + tail_cols, tail.to(out_ptr.dtype.element_ty), mask=in_tail)
 
 
 @triton.jit
@@ -118,6 +136,11 @@ def add_layer_norm_quantize_rows(x: torch.Tensor, delta: torch.Tensor, weight: t
                                  eps: float, total: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
     _add_layer_norm_quantize_rows_kernel[(x.shape[0],)](x, delta, total, weight, bias, out, scale, x.shape[1], eps,
                                                         E4M3_MAX=E4M3_MAX, TINY=TINY, **row_blocks(x.shape[1]))
+
+
+def add_layer_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                        total: torch.Tensor, out: torch.Tensor) -> None:
+    _add_layer_norm_rows_kernel[(x.shape[0],)](x, delta, total, weight, bias, out, x.shape[1], eps, **row_blocks(x.shape[1]))
 
 
 def quantize_rows(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
