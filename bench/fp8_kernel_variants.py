@@ -1,4 +1,4 @@
-"""Variants of the kernels that write FP8 linear layers' inputs (`vnp_core/models/fp8_triton.py`) at
+"""Variants of the kernels that write FP8 linear layers' inputs (`vnp_core/models/row_kernels.py`) at
 ESM-2 3B's shapes (65,536 tokens; rows 10,240 wide after fc1, else 2,560): time per call, against the eager ops, Inductor's fusion of them and the HBM
 floor, and how many e4m3 values differ from the eager ops'. GPU only.
 
@@ -21,7 +21,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vnp_core.models.fp8 import E4M3, E4M3_MAX, quantize_rows  # noqa: E402
 from vnp_core.models.fp8 import add_layer_norm_quantize_rows, gelu_quantize_rows, quantize_activation_rows  # noqa: E402
-from vnp_core.models.fp8_triton import (TINY, _add_layer_norm_quantize_rows_kernel, _gelu_quantize_rows_kernel,  # noqa: E402
+from vnp_core.models.row_kernels import (TINY, _add_layer_norm_quantize_rows_kernel, _gelu_quantize_rows_kernel,  # noqa: E402
                                         _quantize_rows_kernel, row_blocks)
 
 

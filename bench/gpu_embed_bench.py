@@ -21,6 +21,7 @@ import platform
 import random
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +420,144 @@ def esm2_fp8_section(args) -> None:
             record(f"esm2_fp8_{label}", f"failed: {error!r}")
 
 
+def esm2_compile_section(args) -> None:
+    """Regional torch.compile of each ESM-2 layer (attention stays an opaque op) against eager, same weights.
+
+    Run in its own process: an inductor failure can leave a device-side assert that poisons the CUDA context.
+    """
+    from vnp_core.models.esm2 import ESM2Config, ESM2Tokenizer, PackedESM2
+
+    torch.manual_seed(0)
+    eager = PackedESM2.from_config(ESM2Config(*SHAPES["esm2"]), DEVICE, torch.float16, ESM2_BACKEND)
+    seqs = protein_sets(random.Random(0), args.scale)["virnucpro500"]
+    tokens = [ESM2Tokenizer(1022).encode(s, str(i))[0] for i, s in enumerate(seqs)]
+    n_tokens = sum(len(t) for t in tokens)
+    reference = vnp_embed(eager, tokens, 65536)
+    seconds = timed(lambda: vnp_embed(eager, tokens, 65536), warmup=1, reps=args.reps)
+    record("esm2_compile_eager_virnucpro500", {"tokens_per_s": round(n_tokens / seconds)})
+    for layer in eager.layers:
+        layer.compile(dynamic=True)
+    compiled = vnp_embed(eager, tokens, 65536)
+    record("esm2_compile_accuracy_vs_eager", cosine_stats(compiled, reference))
+    seconds = timed(lambda: vnp_embed(eager, tokens, 65536), warmup=1, reps=args.reps)
+    record("esm2_compile_layers_virnucpro500", {"tokens_per_s": round(n_tokens / seconds)})
+
+
+# ---------------------------------------------------------------- DNABERT-S
+
+
+def dna_sets(rng: np.random.Generator, scale: float) -> dict[str, list[str]]:
+    def draw(n, length):
+        return ["".join(rng.choice(list("ACGT"), size=length)) for _ in range(int(n * scale))]
+
+    return {"reads150": draw(40000, 149), "chunks500": draw(10000, 499)}  # kept frames are 1 bp shorter than codons x3 + 1
+
+
+def padded_token_ids(token_ids: list[np.ndarray], max_tokens: int, pad_id: int) -> list[list[np.ndarray]]:
+    """Length-sorted batches, every sequence padded to its batch's longest: a padded model's work."""
+    batches = []
+    for batch in padded_batches([len(t) for t in token_ids], max_tokens):
+        longest = max(len(token_ids[i]) for i in batch)
+        batches.append([np.pad(token_ids[i], (0, longest - len(token_ids[i])), constant_values=pad_id) for i in batch])
+    return batches
+
+
+def dnabert_section(args, workdir: Path) -> None:
+    from vnp_core.config import EmbedConfig
+    from vnp_core.engine import compile_if_worth_it
+    from vnp_core.models.dnabert_s_checkpoint import load_dnabert_s
+    from vnp_core.models.reference import dnabert_s_reference
+    from vnp_core.tiny_models import write_tiny_dnabert_s
+
+    model_dir = write_tiny_dnabert_s(workdir / "dnabert_s_full", hidden=SHAPES["dnabert"][1], layers=SHAPES["dnabert"][0],
+                                     heads=SHAPES["dnabert"][2], intermediate=SHAPES["dnabert"][3])
+    sets = dna_sets(np.random.default_rng(0), args.scale)
+    variants = {}
+    # `unfused`: each layer's add + LayerNorm and gated GELU as separate eager ops (torch.compile fuses them
+    # when it compiles), as main shipped them before 2026-12-02, not the `fused_ops` kernels.
+    candidates = [("float16", "sdpa_padded", True, False), ("float16", "sdpa_padded", True, True),
+                  ("float16", "sdpa_padded", False, False), ("float16", "sdpa_padded", False, True),
+                  ("float32", "sdpa_reference", False, False), ("float32", "sdpa_padded", False, False)]
+    if args.dnabert_flex:
+        candidates.append(("float16", "flex", True, False))
+    for dtype, backend, compiled, unfused in candidates:
+        try:
+            # Loaders never compile (the engine decides per shard); compile_min_tokens=0: whatever the size.
+            config = EmbedConfig(device=DEVICE, dtype=dtype, attention_backend=backend, compile_layers=compiled,
+                                 compile_min_tokens=0)
+            loaded = load_dnabert_s(model_dir, config)
+            if unfused:
+                for layer in loaded.module.encoder.layer:
+                    layer.forward = types.MethodType(unfused_dnabert_s_layer, layer)
+            variants[f"{dtype}_{backend}" + ("_compiled" if compiled else "") + ("_unfused" if unfused else "")] = (
+                compile_if_worth_it(loaded, config, 0))
+        except Exception as error:
+            record(f"dnabert_load_{dtype}_{backend}", f"failed: {error!r}")
+    tokenizer = next(iter(variants.values())).tokenizer
+
+    for name, seqs in sets.items():
+        subset = seqs[: args.accuracy_n]
+        reference = dnabert_s_reference(model_dir, subset, device=DEVICE)
+        tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(subset)]
+        for variant, loaded in variants.items():
+            try:
+                record(f"dnabert_accuracy_{variant}_vs_fp32_reference_{name}", cosine_stats(vnp_embed(loaded.module, tokens, 16384), reference))
+            except Exception as error:
+                record(f"dnabert_accuracy_{variant}_{name}", f"failed: {error!r}")
+
+    for name, seqs in sets.items():
+        tokens = [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
+        n_tokens = sum(len(t) for t in tokens)
+        record(f"dnabert_tokens_{name}", {"sequences": len(seqs), "tokens": n_tokens, "mean_tokens": round(n_tokens / len(seqs), 1)})
+        one_by_one = tokens[:300]
+        fp32 = variants["float32_sdpa_reference"].module
+        runs = {
+            # The original tool's way: one sequence per call, fp32 (timed on 300 sequences, scaled).
+            "one_sequence_per_call_fp32": (lambda: vnp_embed(fp32, one_by_one, 1), sum(len(t) for t in one_by_one)),
+        }
+        for dtype_name in ("float32", "float16"):
+            key = f"{dtype_name}_sdpa_padded"
+            if key in variants:
+                padded = padded_token_ids(tokens, 16384, pad_id=0)
+                module = variants[key].module
+
+                def run_padded(module=module, padded=padded):
+                    with torch.inference_mode():
+                        for batch in padded:
+                            module.embed(to_device(make_batch(batch, range(len(batch)))))
+                    sync()
+
+                runs[f"padded_batches_16k_{dtype_name}"] = (run_padded, n_tokens)
+        for variant in ("float16_sdpa_padded_unfused", "float16_sdpa_padded", "float16_sdpa_padded_compiled_unfused",
+                        "float16_sdpa_padded_compiled", "float16_flex_compiled"):
+            if variant in variants:
+                for budget in (65536, 262144):
+                    runs[f"vnp_packed_{variant}_{budget // 1024}k"] = (
+                        lambda m=variants[variant].module, b=budget: vnp_embed(m, tokens, b), n_tokens)
+        for variant, (fn, counted_tokens) in runs.items():
+            try:
+                seconds = timed(fn, warmup=1, reps=args.reps)
+                record(f"dnabert_throughput_{variant}_{name}", {"tokens_per_s": round(counted_tokens / seconds), "seconds": round(seconds, 3)})
+            except Exception as error:
+                record(f"dnabert_throughput_{variant}_{name}", f"failed: {error!r}")
+        if args.profile and DEVICE == "cuda":
+            for variant in ("float16_sdpa_padded", "float16_sdpa_padded_compiled", "float16_flex_compiled"):
+                if variant in variants:
+                    record(f"dnabert_profile_{variant}_{name}", kernel_profile(variants[variant].module, tokens, 262144))
+
+
+def unfused_dnabert_s_layer(self, x, plan):
+    """`DnabertSLayer.forward` before the fused ops: each add, LayerNorm, GELU and product an eager op."""
+    from vnp_core.attention import attend
+
+    tokens, d = x.shape
+    q, k, v = self.attention.self.Wqkv(x).view(tokens, 3, self.num_heads, -1).unbind(1)
+    a = attend(q, k, v, plan, scale=q.shape[-1] ** -0.5)
+    x = self.attention.output.LayerNorm(self.attention.output.dense(a.reshape(tokens, d)) + x)
+    gate, up = self.mlp.gated_layers(x).chunk(2, dim=-1)
+    return self.mlp.layernorm(self.mlp.wo(torch.nn.functional.gelu(gate) * up) + x)
+
+
 def eager_residual_norm(self, x, delta):
     """`ResidualLayerNorm.forward` as two ops, for torch.compile to fuse."""
     x = x + delta
@@ -453,7 +592,7 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="Also ESM-2 with FP8 linear layers (Ada/Hopper), eager and compiled.")
     parser.add_argument("--fp8-variants", default="fp16,fp8_inductor_gelu,fp8", help="The esm2_fp8 section's variants.")
     parser.add_argument("--dnabert-flex", action="store_true", help="Also time the FlexAttention back end.")
-    parser.add_argument("--profile", action="store_true", help="Also record the top GPU kernels of one DNABERT-S pack.")
+    parser.add_argument("--profile", action="store_true", help="Also record where the GPU time goes (ESM-2 fp16/FP8, DNABERT-S).")
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU: checks this script, measures nothing.")
     args = parser.parse_args()
     global DEVICE, ESM2_BACKEND

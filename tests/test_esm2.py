@@ -12,14 +12,13 @@ import esm
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from esm.model.esm2 import ESM2
 
 from vnp_core.config import EmbedConfig
 from vnp_core.models import esm2_checkpoint
 from vnp_core.models.checkpoint import CheckpointError
 from vnp_core.models.esm2 import (
-    CLS, EOS, MASK, PAD, POOLING, RESIDUES, TOKENS, UNK, ESM2Config, ESM2Tokenizer, PackedESM2, add_layer_norm,
+    CLS, EOS, MASK, PAD, POOLING, RESIDUES, TOKENS, UNK, ESM2Config, ESM2Tokenizer, PackedESM2,
 )
 from vnp_core.models.esm2_checkpoint import describe_esm2, load_esm2
 from vnp_core.models.reference import esm2_reference
@@ -212,19 +211,6 @@ def test_cpu_attention_back_ends_agree(tiny):
     reference = load_esm2(tiny, EmbedConfig(attention_backend="sdpa_reference")).module.embed(batch)
     padded = load_esm2(tiny, EmbedConfig(attention_backend="sdpa_padded")).module.embed(batch)
     torch.testing.assert_close(padded, reference, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a Triton kernel on CUDA; on the CPU the eager ops")
-@pytest.mark.parametrize("rows, width", [(1000, 2560), (7, 100), (3, 64), (0, 64)])  # ESM-2 3B's width, ragged ones, none
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.float32, 1e-5)])
-def test_the_add_layer_norm_kernel_gives_the_eager_ops_numbers_on_a_gpu(rows, width, dtype, tolerance):
-    torch.manual_seed(0)
-    x, delta = (torch.randn(rows, width, device="cuda") * 2).to(dtype), torch.randn(rows, width, device="cuda").to(dtype)
-    weight, bias = (torch.randn(width, device="cuda") * 0.1 + 1).to(dtype), (torch.randn(width, device="cuda") * 0.1).to(dtype)
-    total, out = add_layer_norm(x, delta, weight, bias, 1e-5)
-    assert torch.equal(total, x + delta)
-    # The kernel sums in another order than PyTorch's: a value may round one step apart.
-    torch.testing.assert_close(out, F.layer_norm(x + delta, (width,), weight, bias, 1e-5), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

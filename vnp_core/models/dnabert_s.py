@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
 from vnp_core.attention import AttentionPlan, attend, plan_attention
 from vnp_core.models.base import SequenceTokenizer, Tokenized, checkpoint_embedding
 from vnp_core.models.checkpoint import read_json
+from vnp_core.models.fused_ops import add_layer_norm, gelu_mul
 from vnp_core.packing import PackedBatch, segment_mean
 
 POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"
@@ -112,6 +112,11 @@ class DnabertSTokenizer(SequenceTokenizer):
         return Tokenized.concat(encoded)
 
 
+def add_norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`norm(x + residual)`, in one kernel on a GPU."""
+    return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)[1]
+
+
 class DnabertSLayer(nn.Module):
     """One post-LayerNorm encoder layer over a pack of T tokens; submodule names are the checkpoint's."""
 
@@ -134,10 +139,9 @@ class DnabertSLayer(nn.Module):
         # Wqkv's output is [q; k; v], each head-major.
         q, k, v = self.attention.self.Wqkv(x).view(tokens, 3, self.num_heads, -1).unbind(1)
         a = attend(q, k, v, plan, scale=q.shape[-1] ** -0.5)
-        x = self.attention.output.LayerNorm(self.attention.output.dense(a.reshape(tokens, d)) + x)
-        gate, up = self.mlp.gated_layers(x).chunk(2, dim=-1)
+        x = add_norm(self.attention.output.LayerNorm, self.attention.output.dense(a.reshape(tokens, d)), x)
         # Exact (erf) GELU, the model's own: the tanh approximation shifts the embeddings.
-        return self.mlp.layernorm(self.mlp.wo(F.gelu(gate) * up) + x)
+        return add_norm(self.mlp.layernorm, self.mlp.wo(gelu_mul(self.mlp.gated_layers(x))), x)
 
 
 class PackedDnabertS(nn.Module):

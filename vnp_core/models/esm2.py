@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vnp_core.attention import AttentionPlan, attend, plan_attention
 from vnp_core.config import ESM2_MAX_RESIDUES
 from vnp_core.models.base import SequenceTokenizer, Tokenized, checkpoint_embedding
+from vnp_core.models.fused_ops import add_layer_norm
 from vnp_core.packing import PackedBatch, segment_mean
 
 # The ESM-1b alphabet of every ESM-2 model, in token-id order.
@@ -138,39 +138,11 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.flatten(1))
 
 
-@torch.library.custom_op("vnp::add_layer_norm", mutates_args=())
-def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x + delta` and its LayerNorm, in one Triton kernel on a GPU: 2x faster than torch.compile's
-    fusion of the two on ESM-2 3B's rows (bench/BENCHMARKS.md)."""
-    from vnp_core.models import fp8_triton
-
-    x, delta = x.contiguous(), delta.contiguous()
-    total, out = torch.empty_like(x), torch.empty_like(x)
-    if x.shape[0]:
-        fp8_triton.add_layer_norm_rows(x, delta, weight, bias, eps, total, out)
-    return total, out
-
-
-@add_layer_norm.register_kernel("cpu")
-def _(x, delta, weight, bias, eps):
-    total = x + delta
-    return total, F.layer_norm(total, weight.shape, weight, bias, eps)
-
-
-@add_layer_norm.register_fake
-def _(x, delta, weight, bias, eps):
-    return torch.empty_like(x), torch.empty_like(x)
-
-
 class ResidualLayerNorm(nn.LayerNorm):
-    """LayerNorm of `x + delta`, returned with the sum: the residual add and the norm read the row once."""
+    """LayerNorm of `x + delta`, returned with the sum: on a GPU one kernel that reads each row once."""
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.is_cuda:
-            return add_layer_norm(x, delta, self.weight, self.bias, self.eps)
-        x = x + delta  # on the CPU, left to torch.compile to fuse
-        return x, super().forward(x)
+        return add_layer_norm(x, delta, self.weight, self.bias, self.eps)
 
 
 class TransformerLayer(nn.Module):

@@ -4,7 +4,7 @@ Each weight row (one output feature) is scaled into e4m3's range once, at load; 
 (one token) at every call. The quantisation of an activation is a row maximum and an elementwise
 divide, fused into the op that produced the activation so that it is not a pass of its own: the
 residual add and LayerNorm, the GELU, or (out_proj's input) none. Each is a custom op
-(`torch.ops.vnp.*`): on a GPU a Triton kernel (`fp8_triton`), on the CPU the eager ops. torch.compile
+(`torch.ops.vnp.*`): on a GPU a Triton kernel (`row_kernels`), on the CPU the eager ops. torch.compile
 calls them as they are, with concrete shapes: a Triton launch traced into a compiled layer needs
 a static row width, which the layer's input does not have under `dynamic=True`.
 `torch._scaled_mm` multiplies in the tensor cores and returns the model's dtype with the bias added.
@@ -61,29 +61,29 @@ def _quantized_by(launch, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.library.custom_op("vnp::quantize_activation_rows", mutates_args=())
 def quantize_activation_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(x)`, in one kernel on a GPU."""
-    from vnp_core.models import fp8_triton
+    from vnp_core.models import row_kernels
 
-    return _quantized_by(fp8_triton.quantize_rows, x)
+    return _quantized_by(row_kernels.quantize_rows, x)
 
 
 @torch.library.custom_op("vnp::gelu_quantize_rows", mutates_args=())
 def gelu_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(F.gelu(x))`, in one kernel on a GPU."""
-    from vnp_core.models import fp8_triton
+    from vnp_core.models import row_kernels
 
-    return _quantized_by(fp8_triton.gelu_quantize_rows, x)
+    return _quantized_by(row_kernels.gelu_quantize_rows, x)
 
 
 @torch.library.custom_op("vnp::add_layer_norm_quantize_rows", mutates_args=())
 def add_layer_norm_quantize_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`x + delta` and `quantize_rows(F.layer_norm(x + delta, ...))`, in one kernel on a GPU."""
-    from vnp_core.models import fp8_triton
+    from vnp_core.models import row_kernels
 
     x, delta = x.contiguous(), delta.contiguous()
     total, (out, scale) = torch.empty_like(x), _rows_like(x)
     if x.shape[0]:
-        fp8_triton.add_layer_norm_quantize_rows(x, delta, weight, bias, eps, total, out, scale)
+        row_kernels.add_layer_norm_quantize_rows(x, delta, weight, bias, eps, total, out, scale)
     return total, out, scale
 
 

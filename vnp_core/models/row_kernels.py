@@ -1,10 +1,14 @@
-"""Triton kernels behind `fp8.py`'s ops: each writes an FP8 linear layer's input in e4m3, fused
-with the op that makes it, one row per program, held in registers, read once and written once.
+"""Triton kernels that fuse a layer's elementwise work with the op that makes its input: one row per
+program, held in registers, read once and written once. Each is called through a custom op
+(`fused_ops`, `fp8`), which runs the eager ops on the CPU.
 
-- `gelu_quantize_rows`: the GELU of fc1's output (fc2's input). torch.compile's fusion of it is a
-  looped reduction over the 10,240-wide rows, which reads each row twice and computes its GELU twice.
-- `add_layer_norm_quantize_rows`: a residual add and the LayerNorm after it (q, k, v and fc1's input).
-- `quantize_rows`: the attention's output (out_proj's input).
+- `add_layer_norm_rows`: a residual add and the LayerNorm after it.
+- `gelu_mul_rows`: DNABERT-S's gated GELU, `gelu(gate) * up` of the `[gate; up]` halves of a row.
+- FP8 mode's, each writing an FP8 linear layer's input in e4m3 with its row scale:
+  `gelu_quantize_rows`, the GELU of fc1's output (fc2's input; torch.compile's fusion of it is a
+  looped reduction over the 10,240-wide rows, which reads each row twice and computes its GELU
+  twice); `add_layer_norm_quantize_rows` (q, k, v and fc1's input); `quantize_rows`, the
+  attention's output (out_proj's input).
 
 A row is held as two power-of-two blocks, the largest that fits and one for the rest (10,240 =
 8,192 + 2,048; 2,560 = 2,048 + 512): one padded block left 37% of the GELU's lanes computing an erf
@@ -108,6 +112,19 @@ def _add_layer_norm_rows_kernel(x_ptr, delta_ptr, sum_ptr, weight_ptr, bias_ptr,
 
 
 @triton.jit
+def _gelu_mul_rows_kernel(x_ptr, out_ptr, n_cols, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    row, head_cols, tail_cols, in_tail = _this_row(n_cols, HEAD, TAIL)
+    gate_head, gate_tail = _load_row(x_ptr, 2 * row, n_cols, head_cols, tail_cols, in_tail)
+    up_head, up_tail = _load_row(x_ptr, 2 * row + 1, n_cols, head_cols, tail_cols, in_tail)
+    dtype = out_ptr.dtype.element_ty
+    # Rounded as the eager ops round: the GELU to x's dtype, then the product.
+    head = (_gelu(gate_head).to(dtype).to(tl.float32) * up_head).to(dtype)
+    tail = (_gelu(gate_tail).to(dtype).to(tl.float32) * up_tail).to(dtype)
+    tl.store(out_ptr + row * n_cols + head_cols, head)
+    tl.store(out_ptr + row * n_cols + tail_cols, tail, mask=in_tail)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_cols, E4M3_MAX: tl.constexpr, TINY: tl.constexpr,
                           HEAD: tl.constexpr, TAIL: tl.constexpr):
     row, head_cols, tail_cols, in_tail = _this_row(n_cols, HEAD, TAIL)
@@ -141,6 +158,11 @@ def add_layer_norm_quantize_rows(x: torch.Tensor, delta: torch.Tensor, weight: t
 def add_layer_norm_rows(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                         total: torch.Tensor, out: torch.Tensor) -> None:
     _add_layer_norm_rows_kernel[(x.shape[0],)](x, delta, total, weight, bias, out, x.shape[1], eps, **row_blocks(x.shape[1]))
+
+
+def gelu_mul_rows(x: torch.Tensor, out: torch.Tensor) -> None:
+    """out (M, n) = gelu(x[:, :n]) * x[:, n:] for x (M, 2n)."""
+    _gelu_mul_rows_kernel[(x.shape[0],)](x, out, out.shape[1], **row_blocks(out.shape[1]))
 
 
 def quantize_rows(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
