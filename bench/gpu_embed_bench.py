@@ -474,7 +474,7 @@ def dnabert_section(args, workdir: Path) -> None:
     sets = dna_sets(np.random.default_rng(0), args.scale)
     variants = {}
     # `unfused`: each layer's add + LayerNorm and gated GELU as separate eager ops (torch.compile fuses them
-    # when it compiles), as main shipped them before 2026-12-02, not the `fused_ops` kernels.
+    # when it compiles) and the padding by index pairs, as main shipped them before 2026-12-02.
     candidates = [("float16", "sdpa_padded", True, False), ("float16", "sdpa_padded", True, True),
                   ("float16", "sdpa_padded", False, False), ("float16", "sdpa_padded", False, True),
                   ("float32", "sdpa_reference", False, False), ("float32", "sdpa_padded", False, False)]
@@ -547,12 +547,19 @@ def dnabert_section(args, workdir: Path) -> None:
 
 
 def unfused_dnabert_s_layer(self, x, plan):
-    """`DnabertSLayer.forward` before the fused ops: each add, LayerNorm, GELU and product an eager op."""
-    from vnp_core.attention import attend
-
+    """`DnabertSLayer.forward` as main shipped it before 2026-12-02: each add, LayerNorm, GELU and product
+    an eager op, and the padded attention's tokens moved by (sequence, position) pairs."""
     tokens, d = x.shape
     q, k, v = self.attention.self.Wqkv(x).view(tokens, 3, self.num_heads, -1).unbind(1)
-    a = attend(q, k, v, plan, scale=q.shape[-1] ** -0.5)
+    batch_size, length = len(plan.cu_seqlens) - 1, plan.max_seqlen
+    layout = (plan.slots // length, plan.slots % length)
+    padded = []
+    for t in (q, k, v):
+        p = t.new_zeros((batch_size, length, *t.shape[1:]))
+        p[layout] = t
+        padded.append(p.transpose(1, 2))
+    a = torch.nn.functional.scaled_dot_product_attention(*padded, attn_mask=plan.mask, scale=q.shape[-1] ** -0.5)
+    a = a.transpose(1, 2)[layout]
     x = self.attention.output.LayerNorm(self.attention.output.dense(a.reshape(tokens, d)) + x)
     gate, up = self.mlp.gated_layers(x).chunk(2, dim=-1)
     return self.mlp.layernorm(self.mlp.wo(torch.nn.functional.gelu(gate) * up) + x)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vnp_core.packing import length_groups, pad_packed, padded_gather_index, token_layout, unpad
+from vnp_core.packing import length_groups, pad_packed, padded_gather_index, padded_slots, token_layout, unpad
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class AttentionPlan:
     cu_seqlens: torch.Tensor  # (B + 1,) int32 on the device
     max_seqlen: int
     alibi_slopes: torch.Tensor | None = None  # (H,) fp32
-    layout: tuple[torch.Tensor, torch.Tensor] | None = None  # sdpa_padded: (sequence, position) per token
+    slots: torch.Tensor | None = None  # sdpa_padded: (T,) each token's row of the (B * S) padded rows
     mask: torch.Tensor | None = None  # sdpa_padded: (B, 1, 1, S) bool, or (B, H, S, S) ALiBi bias with -inf pads
     block_mask: object | None = None  # flex: a BlockMask
     bounds: tuple[int, ...] = ()  # sdpa_reference: cu_seqlens on the host
@@ -151,7 +151,7 @@ def plan_attention(backend: str, cu_seqlens: torch.Tensor, tokens: int, max_seql
         max_seqlen = -(-max_seqlen // 8) * 8
     plan = AttentionPlan(backend, cu_seqlens, max_seqlen, alibi_slopes)
     if backend == "sdpa_padded":
-        return replace(plan, layout=token_layout(cu_seqlens, tokens),
+        return replace(plan, slots=padded_slots(cu_seqlens, tokens, max_seqlen),
                        mask=padded_attention_mask(cu_seqlens, max_seqlen, dtype, alibi_slopes))
     if backend == "flex":
         return replace(plan, block_mask=document_block_mask(cu_seqlens, tokens))
@@ -193,9 +193,9 @@ def _torch_varlen(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
 
 def _sdpa_padded(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
     batch_size = len(plan.cu_seqlens) - 1
-    qp, kp, vp = (pad_packed(t, plan.layout, batch_size, plan.max_seqlen).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    qp, kp, vp = (pad_packed(t, plan.slots, batch_size, plan.max_seqlen).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.mask, scale=scale)
-    return unpad(out.transpose(1, 2), plan.layout)
+    return unpad(out.transpose(1, 2), plan.slots)
 
 
 def _sdpa_bucketed(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:

@@ -118,16 +118,25 @@ def token_layout(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, to
     return sequence, torch.arange(total, device=cu.device) - cu[sequence]
 
 
-def pad_packed(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor], batch_size: int, max_seqlen: int) -> torch.Tensor:
-    """(T, ...) packed -> (B, max_seqlen, ...) zero-padded, with the pack's `token_layout`."""
-    padded = x.new_zeros((batch_size, max_seqlen, *x.shape[1:]))
-    padded[layout] = x
-    return padded
+def padded_slots(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
+    """(T,) each token's row among the `B * max_seqlen` rows of the pack padded (`pad_packed`)."""
+    sequence, position = token_layout(cu_seqlens, total)
+    return sequence * max_seqlen + position
 
 
-def unpad(padded: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def pad_packed(x: torch.Tensor, slots: torch.Tensor, batch_size: int, max_seqlen: int) -> torch.Tensor:
+    """(T, ...) packed -> (B, max_seqlen, ...) zero-padded, with the pack's `padded_slots`.
+
+    Whole rows copied by one flat index: indexing by (sequence, position) pairs was an elementwise
+    kernel that took 26% of DNABERT-S's GPU time in eager mode (bench/BENCHMARKS.md).
+    """
+    padded = x.new_zeros((batch_size * max_seqlen, *x.shape[1:]))
+    return padded.index_copy_(0, slots, x).unflatten(0, (batch_size, max_seqlen))
+
+
+def unpad(padded: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """(B, S, ...) -> (T, ...) packed, in sequence order: the inverse of `pad_packed`."""
-    return padded[layout]
+    return padded.flatten(0, 1).index_select(0, slots)
 
 
 def length_groups(lengths: np.ndarray, max_padding: float) -> list[np.ndarray]:
