@@ -42,7 +42,10 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 # +6: a run on Ray leaves its caller's process unconnected, as it found it (Ray ends a connected
 # process 60 s after its cluster has gone). +1: the layers' floats traced as constants (each model
 # traced once at a process's first pack, not twice).
-CODE_LINE_BUDGET = 5872
+# +68: the fused ops of both models (add + LayerNorm, gated GELU: two Triton kernels and their custom
+# ops), ESM-2's fc1 GELU in cuBLASLt's epilogue, the padded attention's flat slots: ESM-2 fp16 +8%,
+# DNABERT-S eager +33-36% on an H200.
+CODE_LINE_BUDGET = 5940
 
 
 def code_lines(source: str) -> int:
