@@ -359,7 +359,7 @@ def esm2_fp8_section(args) -> None:
             for module in model.modules():
                 if isinstance(module, Fp8Linear):
                     module.use_fast_accum = fast_accum
-            if inductor_gelu:  # the GELU and fc2's quantisation left to torch.compile, as before fp8_triton
+            if inductor_gelu:  # the GELU and fc2's quantisation left to torch.compile, as before row_kernels
                 for layer in model.layers:
                     layer.activation = torch.nn.GELU()
             if inductor_norms:  # the add + LayerNorm + quantisation left to torch.compile, as main shipped it on 2026-12-01
