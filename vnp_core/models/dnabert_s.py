@@ -27,8 +27,8 @@ from vnp_core.packing import PackedBatch, segment_mean
 
 POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"
 # Compiled layers run ~7% faster than the eager ones with their fused ops (1.40M against 1.29-1.31M
-# tokens/s on an H200), for ~2 s more first pack with a warm compile cache (break-even ~30M tokens)
-# and ~10-14 s with a cold one (~200M): this threshold pays off once the cache is warm (bench/BENCHMARKS.md).
+# tokens/s on an H200), for ~1.8 s more first pack with a warm compile cache (break-even ~30-40M tokens)
+# and ~10-14 s with a cold one (~200-300M): this threshold pays off once the cache is warm (bench/BENCHMARKS.md).
 COMPILE_MIN_TOKENS = 50_000_000
 _ENCODE_BLOCK = 65536  # sequences per encode_batch call: bounds the tokenizer's transient memory
 

@@ -168,7 +168,7 @@ class TransformerLayer(nn.Module):
         over the 4x-wide activations (+5% tokens/s on ESM-2 3B; +8% with the add + LayerNorm kernel). Its
         GELU is the tanh approximation: in fp16 the cosine against fp32 with the exact GELU moved from
         0.9999996 to 0.9999995 (bench/BENCHMARKS.md). FP8 mode has its own fc1 and GELU."""
-        if type(self.fc1) is nn.Linear and h.is_cuda and h.dtype != torch.float32:  # h: `Fp8Rows` in FP8 mode
+        if type(self.fc1) is nn.Linear and h.is_cuda and h.dtype in (torch.float16, torch.bfloat16):  # h: `Fp8Rows` in FP8 mode
             return torch._addmm_activation(self.fc1.bias, h, self.fc1.weight.t(), use_gelu=True)
         return self.activation(self.fc1(h))
 
