@@ -36,6 +36,7 @@ RESULTS: dict = {}
 # "cpu" with --smoke: a quick run of this script's own logic on tiny shapes before spending GPU time.
 DEVICE = "cuda"
 ESM2_BACKEND = "torch_varlen"
+SECTIONS = ("esm2", "esm2_compile", "esm2_fp8", "dnabert")
 SHAPES = {"esm2": (36, 2560, 40), "dnabert": (12, 768, 12, 3072)}
 
 
@@ -329,6 +330,23 @@ def engine_end_to_end(module, cfg, sequences: list[str], workdir: Path, fp8: boo
         "tokens_per_s": round(stats.tokens_per_s), "sequences_per_s": round(stats.sequences_per_s, 1), "seconds": round(stats.seconds, 3)})
 
 
+# multi_kernel: Inductor also generates whole-row ("persistent") reductions for rows up to 16k wide
+# and picks, per kernel, the faster of the two at run time (no gain at d5917d3: bench/BENCHMARKS.md).
+# max_autotune: Inductor also tries its own Triton GEMMs, into which it can fuse the bias and GELU.
+# fp8_inductor_norms: also out_proj's quantisation left to torch.compile (its kernel swapped for the eager ops).
+# fp16_inductor_norms: the add + LayerNorm fused by torch.compile, not our kernel.
+# fp16_erf_gelu: the exact GELU as a pass of its own (torch.compile's), not in fc1's cuBLASLt epilogue.
+# fp16_before: both, as main shipped fp16 before 2026-12-02.
+FP8_VARIANTS = {"fp16": dict(fp8=False), "fp16_inductor_norms": dict(fp8=False, eager_norms=True),
+                "fp16_erf_gelu": dict(fp8=False, erf_gelu=True), "fp16_before": dict(fp8=False, eager_norms=True, erf_gelu=True),
+                "fp8_inductor_gelu": dict(fp8=True, inductor_gelu=True), "fp8": dict(fp8=True),
+                "fp8_inductor_norms": dict(fp8=True, inductor_norms=True),
+                "fp16_multi_kernel": dict(fp8=False, inductor={"triton.multi_kernel": 1}),
+                "fp8_multi_kernel": dict(fp8=True, inductor={"triton.multi_kernel": 1}),
+                "fp16_max_autotune": dict(fp8=False, inductor={"max_autotune_gemm": True}),
+                "fp8_max_autotune": dict(fp8=True, inductor={"max_autotune_gemm": True})}
+
+
 def esm2_fp8_section(args) -> None:
     """FP8 variants of ESM-2 3B, compiled as the engine runs them, against fp16 on the same weights:
     throughput, cosine against the packed fp32 model, and where one set's GPU time goes."""
@@ -373,22 +391,7 @@ def esm2_fp8_section(args) -> None:
         model.compile_layers()
         return model
 
-    # multi_kernel: Inductor also generates whole-row ("persistent") reductions for rows up to 16k wide
-    # and picks, per kernel, the faster of the two at run time (no gain at d5917d3: bench/BENCHMARKS.md).
-    # max_autotune: Inductor also tries its own Triton GEMMs, into which it can fuse the bias and GELU.
-    # fp8_inductor_norms: also out_proj's quantisation left to torch.compile (its kernel swapped for the eager ops).
-    # fp16_inductor_norms: the add + LayerNorm fused by torch.compile, not our kernel.
-    # fp16_erf_gelu: the exact GELU as a pass of its own (torch.compile's), not in fc1's cuBLASLt epilogue.
-    # fp16_before: both, as main shipped fp16 before 2026-12-02.
-    variants = {"fp16": dict(fp8=False), "fp16_inductor_norms": dict(fp8=False, eager_norms=True),
-                "fp16_erf_gelu": dict(fp8=False, erf_gelu=True), "fp16_before": dict(fp8=False, eager_norms=True, erf_gelu=True),
-                "fp8_inductor_gelu": dict(fp8=True, inductor_gelu=True), "fp8": dict(fp8=True),
-                "fp8_inductor_norms": dict(fp8=True, inductor_norms=True),
-                "fp16_multi_kernel": dict(fp8=False, inductor={"triton.multi_kernel": 1}),
-                "fp8_multi_kernel": dict(fp8=True, inductor={"triton.multi_kernel": 1}),
-                "fp16_max_autotune": dict(fp8=False, inductor={"max_autotune_gemm": True}),
-                "fp8_max_autotune": dict(fp8=True, inductor={"max_autotune_gemm": True})}
-    variants = {label: variants[label] for label in args.fp8_variants.split(",")}
+    variants = {label: dict(FP8_VARIANTS[label]) for label in args.fp8_variants.split(",")}  # popped below
     tokenizer = ESM2Tokenizer(1022)
     sets = {name: [tokenizer.encode(s, str(i))[0] for i, s in enumerate(seqs)]
             for name, seqs in protein_sets(random.Random(0), args.scale).items() if name != "proteome"}
@@ -602,6 +605,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="Also record where the GPU time goes (ESM-2 fp16/FP8, DNABERT-S).")
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU: checks this script, measures nothing.")
     args = parser.parse_args()
+    # Refused before any work: a misspelt name would otherwise surface minutes into a device call.
+    if unknown := set(args.sections.split(",")) - set(SECTIONS):
+        raise SystemExit(f"--sections: unknown {', '.join(map(repr, sorted(unknown)))}; expected some of {', '.join(SECTIONS)}")
+    if unknown := set(args.fp8_variants.split(",")) - set(FP8_VARIANTS):
+        raise SystemExit(f"--fp8-variants: unknown {', '.join(map(repr, sorted(unknown)))}; expected some of {', '.join(FP8_VARIANTS)}")
     global DEVICE, ESM2_BACKEND
     if args.smoke:
         DEVICE, ESM2_BACKEND = "cpu", "sdpa_padded"

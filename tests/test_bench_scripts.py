@@ -22,3 +22,13 @@ def test_gpu_embed_bench_runs_every_section_on_the_cpu(tmp_path):
     results = json.loads(out.read_text())
     assert [key for key, value in results.items() if str(value).startswith("failed")] == []
     assert all(any(key.startswith(prefix) for key in results) for prefix in SECTIONS.values())
+
+
+def test_gpu_embed_bench_refuses_an_unknown_section_or_variant_before_any_work(tmp_path):
+    out = tmp_path / "results.json"
+    for option, value, named in [("--sections", "esm2,esm3", "'esm3'"), ("--fp8-variants", "fp16,fp9", "'fp9'")]:
+        done = subprocess.run([sys.executable, "bench/gpu_embed_bench.py", option, value, "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.startswith(f"{option}: unknown {named}; expected some of ")
+        assert done.stderr.count("\n") == 1
+        assert not out.exists()
