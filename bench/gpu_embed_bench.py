@@ -36,7 +36,7 @@ RESULTS: dict = {}
 # "cpu" with --smoke: a quick run of this script's own logic on tiny shapes before spending GPU time.
 DEVICE = "cuda"
 ESM2_BACKEND = "torch_varlen"
-SECTIONS = ("esm2", "esm2_compile", "esm2_fp8", "dnabert")
+SECTIONS = ("esm2", "esm2_compile", "esm2_fp8", "dnabert", "attention")
 SHAPES = {"esm2": (36, 2560, 40), "dnabert": (12, 768, 12, 3072)}
 
 
@@ -481,6 +481,8 @@ def dnabert_section(args, workdir: Path) -> None:
     candidates = [("float16", "sdpa_padded", True, False), ("float16", "sdpa_padded", True, True),
                   ("float16", "sdpa_padded", False, False), ("float16", "sdpa_padded", False, True),
                   ("float32", "sdpa_reference", False, False), ("float32", "sdpa_padded", False, False)]
+    if DEVICE == "cuda":
+        candidates += [("float16", "triton_varlen", False, False), ("float16", "triton_varlen", True, False)]
     if args.dnabert_flex:
         candidates.append(("float16", "flex", True, False))
     for dtype, backend, compiled, unfused in candidates:
@@ -532,7 +534,8 @@ def dnabert_section(args, workdir: Path) -> None:
 
                 runs[f"padded_batches_16k_{dtype_name}"] = (run_padded, n_tokens)
         for variant in ("float16_sdpa_padded_unfused", "float16_sdpa_padded", "float16_sdpa_padded_compiled_unfused",
-                        "float16_sdpa_padded_compiled", "float16_flex_compiled"):
+                        "float16_sdpa_padded_compiled", "float16_triton_varlen", "float16_triton_varlen_compiled",
+                        "float16_flex_compiled"):
             if variant in variants:
                 for budget in (65536, 262144):
                     runs[f"vnp_packed_{variant}_{budget // 1024}k"] = (
@@ -544,9 +547,69 @@ def dnabert_section(args, workdir: Path) -> None:
             except Exception as error:
                 record(f"dnabert_throughput_{variant}_{name}", f"failed: {error!r}")
         if args.profile and DEVICE == "cuda":
-            for variant in ("float16_sdpa_padded", "float16_sdpa_padded_compiled", "float16_flex_compiled"):
+            for variant in ("float16_sdpa_padded", "float16_sdpa_padded_compiled", "float16_triton_varlen",
+                            "float16_triton_varlen_compiled", "float16_flex_compiled"):
                 if variant in variants:
                     record(f"dnabert_profile_{variant}_{name}", kernel_profile(variants[variant].module, tokens, 262144))
+
+
+def attention_section(args) -> None:
+    """DNABERT-S's attention alone (12 heads of 64, ALiBi) on one 256k-token pack of each length set:
+    padded SDPA (pad, attend, unpad, as a layer runs it) against the Triton varlen kernel at several
+    block sizes, and its agreement with the fp32 per-sequence reference."""
+    from vnp_core.attention import attend, plan_attention
+    from vnp_core.models.dnabert_s import alibi_slopes
+
+    heads, head_dim = SHAPES["dnabert"][2], SHAPES["dnabert"][1] // SHAPES["dnabert"][2]
+    slopes = alibi_slopes(heads).to(DEVICE)
+    rng = np.random.default_rng(0)
+    # Token counts of the real DNABERT-S vocabulary: ~35 a 150-bp read (25-45), ~110 a 500-bp chunk (90-130).
+    shapes = {"reads150": (25, 46), "chunks500": (90, 131)}
+    backends = ["sdpa_padded", "flex"] + (["triton_varlen"] if DEVICE == "cuda" else [])
+    configs = [None, (32, 32), (64, 64), (64, 32), (128, 64), (64, 128)]
+    for name, (lo, hi) in shapes.items():
+        budget = 262144 if DEVICE == "cuda" else 2048
+        lengths = rng.integers(lo, hi, size=budget // lo)
+        lengths = lengths[: np.searchsorted(np.cumsum(lengths), budget)]
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=DEVICE)
+        tokens, max_seqlen = int(cu[-1]), int(lengths.max())
+        qkv = (torch.randn(tokens, 3, heads, head_dim, device=DEVICE) * 2).half()
+        q, k, v = qkv.unbind(1)
+        record(f"attention_tokens_{name}", {"sequences": len(lengths), "tokens": tokens, "max_seqlen": max_seqlen})
+        reference_n = int(cu[min(200, len(lengths))])
+        sub_cu = cu[: min(200, len(lengths)) + 1]
+        reference = attend(*(t[:reference_n].float() for t in (q, k, v)),
+                           plan_attention("sdpa_reference", sub_cu, reference_n, max_seqlen, torch.float32, slopes),
+                           scale=head_dim ** -0.5)
+        for backend in backends:
+            for config in (configs if backend == "triton_varlen" else [None]):
+                label = backend + ("" if config is None else f"_{config[0]}x{config[1]}")
+                try:
+                    plan = plan_attention(backend, cu, tokens, max_seqlen, torch.float16, slopes)
+                    with block_sizes_fixed(config):
+                        out = attend(q, k, v, plan, scale=head_dim ** -0.5)
+                        seconds = timed(lambda: attend(q, k, v, plan, scale=head_dim ** -0.5), warmup=1, reps=max(args.reps, 5))
+                    error = (out[:reference_n].float() - reference).abs().max().item()
+                    record(f"attention_{label}_{name}", {"ms": round(seconds * 1e3, 3), "max_abs_error_vs_fp32": round(error, 5),
+                                                         "tokens_per_s": round(tokens / seconds)})
+                except Exception as error:
+                    record(f"attention_{label}_{name}", f"failed: {error!r}")
+
+
+@contextlib.contextmanager
+def block_sizes_fixed(config: tuple[int, int] | None):
+    """The Triton kernel's (BLOCK_M, BLOCK_N) fixed to `config` (None: its own choice)."""
+    if config is None:
+        yield
+        return
+    from vnp_core import varlen_attention
+
+    original = varlen_attention.block_sizes
+    varlen_attention.block_sizes = lambda _max_seqlen: config
+    try:
+        yield
+    finally:
+        varlen_attention.block_sizes = original
 
 
 def unfused_dnabert_s_layer(self, x, plan):
@@ -634,6 +697,8 @@ def main() -> None:
             esm2_fp8_section(args)
         if "dnabert" in sections:
             dnabert_section(args, args.workdir)
+        if "attention" in sections:
+            attention_section(args)
     finally:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(RESULTS, indent=1, default=str))

@@ -91,3 +91,17 @@ def test_auto_packs_on_the_cpu():
     # CUDA without a half-precision kernel keeps one padded call: bucketing reads the bounds on the host.
     assert select_backend("auto", torch.device("cuda"), torch.float32, needs_bias=False) == "sdpa_padded"
     assert 0 < BUCKET_MAX_PADDING < 1
+
+
+def test_auto_picks_the_triton_kernel_for_alibi_on_a_gpu(monkeypatch):
+    from vnp_core import attention
+
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: False)
+    monkeypatch.setattr(attention, "triton_available", lambda: True)
+    monkeypatch.setattr(attention, "torch_varlen_available", lambda: True)
+    assert select_backend("auto", torch.device("cuda"), torch.float16, needs_bias=True) == "triton_varlen"
+    assert select_backend("auto", torch.device("cuda"), torch.float16, needs_bias=False) == "torch_varlen"
+    with pytest.raises(ValueError, match="CUDA device and float16"):
+        select_backend("triton_varlen", torch.device("cpu"), torch.float16, needs_bias=True)
+    monkeypatch.setattr(attention, "triton_available", lambda: False)
+    assert select_backend("auto", torch.device("cuda"), torch.float16, needs_bias=True) == "sdpa_padded"

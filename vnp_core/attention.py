@@ -9,6 +9,8 @@ Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly on
 
 - `flash_attn`: flash-attn's `flash_attn_varlen_func` (CUDA, fp16/bf16), when installed.
 - `torch_varlen`: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, fp16/bf16, no bias).
+- `triton_varlen`: our Triton kernel over the pack, ALiBi computed in it (`vnp_core.varlen_attention`;
+  CUDA, where Triton is). What DNABERT-S runs on a GPU without flash-attn.
 - `sdpa_padded`: pad to (B, S), one `scaled_dot_product_attention` call with a mask/bias (any device).
 - `sdpa_bucketed`: the CPU's choice. Sequences grouped by length (`length_groups`), each group
   gathered into (n, H, S, D) padded to its own longest and attended in one SDPA call, which on the
@@ -25,6 +27,7 @@ Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly on
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import logging
 from dataclasses import dataclass, replace
@@ -144,7 +147,7 @@ def document_block_mask(cu_seqlens: torch.Tensor, tokens: int, block: int = FLEX
 def plan_attention(backend: str, cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int, dtype: torch.dtype,
                    alibi_slopes: torch.Tensor | None = None) -> AttentionPlan:
     """Everything `backend` derives from one pack's boundaries, computed once for all layers."""
-    if backend in ("flash_attn", "torch_varlen"):
+    if backend in ("flash_attn", "torch_varlen", "triton_varlen"):
         # Varlen kernels take max_seqlen as an upper bound only. Rounded up to a multiple of 8, it
         # never changes alignment between packs: DNABERT-S's padded layers recompiled on exactly
         # that guard (`max_seqlen % 8`) on an H200; ESM-2 3B's compiled once in the runs since.
@@ -189,6 +192,12 @@ def _torch_varlen(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
         return varlen_attn(q, k, v, cu, cu, s, s, scale=scale)
     # torch 2.10 applies head_dim ** -0.5 itself: fold the difference into q.
     return varlen_attn(q * (scale * q.shape[-1] ** 0.5), k, v, cu, cu, s, s)
+
+
+def _triton_varlen(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    from vnp_core.varlen_attention import varlen_attention
+
+    return varlen_attention(q, k, v, plan.cu_seqlens, plan.max_seqlen, scale, plan.alibi_slopes)
 
 
 def _sdpa_padded(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
@@ -243,6 +252,7 @@ def _flex(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
 BACKENDS = {
     "flash_attn": _flash_attn,
     "torch_varlen": _torch_varlen,
+    "triton_varlen": _triton_varlen,
     "sdpa_padded": _sdpa_padded,
     "sdpa_bucketed": _sdpa_bucketed,
     "sdpa_reference": _sdpa_reference,
@@ -270,6 +280,10 @@ def torch_varlen_available() -> bool:
     return True
 
 
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def select_backend(requested: str, device: torch.device, dtype: torch.dtype, needs_bias: bool) -> str:
     """Resolve "auto" (or check an explicit choice) for this device, dtype and model. Logged by name."""
     half = dtype in (torch.float16, torch.bfloat16)
@@ -279,6 +293,8 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, nee
             name = "flash_attn"
         elif cuda and half and not needs_bias and torch_varlen_available():
             name = "torch_varlen"
+        elif cuda and half and triton_available():
+            name = "triton_varlen"
         elif cuda:
             name = "sdpa_padded"  # one call, no host synchronisation
         else:
@@ -287,11 +303,13 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, nee
         name = requested
         if name not in BACKENDS:
             raise ValueError(f"unknown attention back end {name!r}; choose one of {sorted(BACKENDS)} or 'auto'")
-        if name in ("flash_attn", "torch_varlen") and not (cuda and half):
+        if name in ("flash_attn", "torch_varlen", "triton_varlen") and not (cuda and half):
             raise ValueError(f"attention back end {name} needs a CUDA device and float16/bfloat16")
         if name == "flash_attn" and not flash_attn_available():
             raise ValueError("attention back end flash_attn requested but the flash-attn package is not installed")
         if name == "torch_varlen" and (needs_bias or not torch_varlen_available()):
             raise ValueError("attention back end torch_varlen is unavailable here (torch < 2.10, or the model needs ALiBi)")
+        if name == "triton_varlen" and not triton_available():
+            raise ValueError("attention back end triton_varlen requested but the triton package is not installed")
     log.info("attention back end: %s (device %s, dtype %s)", name, device, dtype)
     return name
