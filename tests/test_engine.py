@@ -434,8 +434,7 @@ def test_compile_never_on_a_cpu():
     assert model.module.compile_calls == 0 and not model.compiled
 
 
-@pytest.mark.parametrize("kind", ["esm2", "dnabert_s"])
-def test_compile_from_the_models_own_break_even(kind):
+def test_compile_from_the_models_own_break_even(kind="esm2"):
     threshold = model_spec(kind).compile_min_tokens
     assert threshold > 0
     below = recording_model("cuda", kind)
@@ -451,6 +450,14 @@ def test_compile_from_the_models_own_break_even(kind):
     off = recording_model("cuda", kind)
     assert compile_if_worth_it(off, EmbedConfig(compile_layers=False, compile_min_tokens=0), 10 * threshold) is off
     assert off.module.compile_calls == 0
+
+
+def test_dnabert_s_compiles_only_when_asked():
+    never = recording_model("cuda", "dnabert_s")
+    assert model_spec("dnabert_s").compile_min_tokens is None
+    assert compile_if_worth_it(never, EmbedConfig(), 10**12) is never and never.module.compile_calls == 0
+    asked = recording_model("cuda", "dnabert_s")
+    assert compile_if_worth_it(asked, EmbedConfig(compile_min_tokens=0), 1).compiled
 
 
 def test_compile_threshold_from_the_config_overrides_the_models():
@@ -486,7 +493,7 @@ def test_registry_order_and_entries():
         assert spec.name == name and model_spec(name) is spec
         assert spec.index_column in INDEX_COLUMNS and f"{name}_tokens" in INDEX_COLUMNS
         assert spec.alphabet and len(set(spec.alphabet)) == len(spec.alphabet)
-        assert spec.pooling and spec.compile_min_tokens > 0
+        assert spec.pooling and (spec.compile_min_tokens is None or spec.compile_min_tokens > 0)
     assert (MODELS["dnabert_s"].index_column, MODELS["esm2"].index_column) == ("nucleotide", "protein")
     with pytest.raises(ValueError, match="unknown model 'esm3': expected one of dnabert_s, esm2"):
         model_spec("esm3")

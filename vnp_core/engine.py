@@ -305,7 +305,7 @@ def compile_if_worth_it(model: LoadedModel, config: EmbedConfig, num_tokens: int
     """The model with its layers wrapped by torch.compile when that repays its cost on `num_tokens`
     tokens (`config.compile_min_tokens`, else the model's own break-even); tracing waits for the first pack."""
     threshold = model_spec(model.kind).compile_min_tokens if config.compile_min_tokens is None else config.compile_min_tokens
-    if not config.compile_layers or model.device.type != "cuda" or model.compiled or num_tokens < threshold:
+    if not config.compile_layers or model.device.type != "cuda" or model.compiled or threshold is None or num_tokens < threshold:
         return model
     configure_compiler(config.compile_cache_dir)
     model.module.compile_layers()

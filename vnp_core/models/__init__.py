@@ -27,7 +27,7 @@ class ModelSpec:
     index_column: str  # the sequence column of the index it embeds
     alphabet: str  # letters its FASTA input may hold
     pooling: str
-    compile_min_tokens: int  # tokens from which a shard repays compiling the layers
+    compile_min_tokens: int | None  # tokens from which a shard repays compiling the layers; None: none does
     load: Callable[[Path, EmbedConfig], LoadedModel]
     describe: Callable[[Path, EmbedConfig], ModelDescription]  # what `load` loads, from the weights' checksum only
     tokenizer: Callable[[Path, EmbedConfig], SequenceTokenizer]  # without reading the weights

@@ -26,10 +26,10 @@ from vnp_core.models.fused_ops import add_layer_norm, gelu_mul
 from vnp_core.packing import PackedBatch, segment_mean
 
 POOLING = "mean over all tokens incl. [CLS]/[SEP], fp32"
-# Compiled layers run ~7% faster than the eager ones with their fused ops (1.40M against 1.29-1.31M
-# tokens/s on an H200), for ~1.8 s more first pack with a warm compile cache (break-even ~30-40M tokens)
-# and ~10-14 s with a cold one (~200-300M): this threshold pays off once the cache is warm (bench/BENCHMARKS.md).
-COMPILE_MIN_TOKENS = 50_000_000
+# Never compiled unless asked (`compile_min_tokens`): with its fused ops and the Triton attention
+# kernel, compiled layers ran within 1.5% of eager ones on an H200 (1.68-1.77M tokens/s both), so a
+# compile, ~1.8 s of first pack with a warm cache and 10-14 s with a cold one, never repays (bench/BENCHMARKS.md).
+COMPILE_MIN_TOKENS = None
 _ENCODE_BLOCK = 65536  # sequences per encode_batch call: bounds the tokenizer's transient memory
 
 
