@@ -483,8 +483,6 @@ def dnabert_section(args, workdir: Path) -> None:
                   ("float32", "sdpa_reference", False, False), ("float32", "sdpa_padded", False, False)]
     if DEVICE == "cuda":
         candidates += [("float16", "triton_varlen", False, False), ("float16", "triton_varlen", True, False)]
-    if args.dnabert_flex:
-        candidates.append(("float16", "flex", True, False))
     for dtype, backend, compiled, unfused in candidates:
         try:
             # Loaders never compile (the engine decides per shard); compile_min_tokens=0: whatever the size.
@@ -534,8 +532,7 @@ def dnabert_section(args, workdir: Path) -> None:
 
                 runs[f"padded_batches_16k_{dtype_name}"] = (run_padded, n_tokens)
         for variant in ("float16_sdpa_padded_unfused", "float16_sdpa_padded", "float16_sdpa_padded_compiled_unfused",
-                        "float16_sdpa_padded_compiled", "float16_triton_varlen", "float16_triton_varlen_compiled",
-                        "float16_flex_compiled"):
+                        "float16_sdpa_padded_compiled", "float16_triton_varlen", "float16_triton_varlen_compiled"):
             if variant in variants:
                 for budget in (65536, 262144):
                     runs[f"vnp_packed_{variant}_{budget // 1024}k"] = (
@@ -548,7 +545,7 @@ def dnabert_section(args, workdir: Path) -> None:
                 record(f"dnabert_throughput_{variant}_{name}", f"failed: {error!r}")
         if args.profile and DEVICE == "cuda":
             for variant in ("float16_sdpa_padded", "float16_sdpa_padded_compiled", "float16_triton_varlen",
-                            "float16_triton_varlen_compiled", "float16_flex_compiled"):
+                            "float16_triton_varlen_compiled"):
                 if variant in variants:
                     record(f"dnabert_profile_{variant}_{name}", kernel_profile(variants[variant].module, tokens, 262144))
 
@@ -565,7 +562,7 @@ def attention_section(args) -> None:
     rng = np.random.default_rng(0)
     # Token counts of the real DNABERT-S vocabulary: ~35 a 150-bp read (25-45), ~110 a 500-bp chunk (90-130).
     shapes = {"reads150": (25, 46), "chunks500": (90, 131)}
-    backends = ["sdpa_padded", "flex"] + (["triton_varlen"] if DEVICE == "cuda" else [])
+    backends = ["sdpa_padded"] + (["triton_varlen"] if DEVICE == "cuda" else [])
     configs = [None, (32, 32), (64, 64), (64, 32), (128, 64), (64, 128)]
     for name, (lo, hi) in shapes.items():
         budget = 262144 if DEVICE == "cuda" else 2048
@@ -664,7 +661,6 @@ def main() -> None:
     parser.add_argument("--esm2-variants", action="store_true", help="Also time bf16 and a fused-qkv candidate.")
     parser.add_argument("--fp8", action="store_true", help="Also ESM-2 with FP8 linear layers (Ada/Hopper), eager and compiled.")
     parser.add_argument("--fp8-variants", default="fp16,fp8_inductor_gelu,fp8", help="The esm2_fp8 section's variants.")
-    parser.add_argument("--dnabert-flex", action="store_true", help="Also time the FlexAttention back end.")
     parser.add_argument("--profile", action="store_true", help="Also record where the GPU time goes (ESM-2 fp16/FP8, DNABERT-S).")
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU: checks this script, measures nothing.")
     args = parser.parse_args()

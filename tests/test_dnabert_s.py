@@ -23,7 +23,7 @@ from vnp_core.tiny_models import write_tiny_dnabert_s
 from vnp_core.packing import make_batch
 from real_genomes import REAL_DATA
 
-BACKENDS = ["sdpa_reference", "sdpa_padded", "flex"]
+BACKENDS = ["sdpa_reference", "sdpa_padded"]
 
 
 def genome(name: str) -> str:
@@ -67,7 +67,6 @@ def test_alibi_slopes_match_the_published_values():
     np.testing.assert_allclose(alibi_slopes(4).numpy(), [0.25, 0.0625, 0.015625, 0.00390625])
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_forward_matches_reference(tiny, chunks, backend):
     packed = embed_packed(tiny, chunks, backend)
@@ -77,7 +76,6 @@ def test_packed_forward_matches_reference(tiny, chunks, backend):
     np.testing.assert_allclose(packed, reference, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sequences_longer_than_alibi_starting_size(tiny_one_layer, backend):
     t4 = genome("t4.fasta")

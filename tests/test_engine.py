@@ -460,6 +460,14 @@ def test_dnabert_s_compiles_only_when_asked():
     assert compile_if_worth_it(asked, EmbedConfig(compile_min_tokens=0), 1).compiled
 
 
+def test_a_gpu_model_keeps_its_kernels_in_the_compile_cache_compiled_or_not(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model = recording_model("cuda", "dnabert_s")
+    assert compile_if_worth_it(model, EmbedConfig(compile_cache_dir=tmp_path / "kernels"), 10) is model
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "kernels" / "triton")  # vnp's Triton kernels
+
+
 def test_compile_threshold_from_the_config_overrides_the_models():
     every = recording_model("cuda")
     assert compile_if_worth_it(every, EmbedConfig(compile_min_tokens=0), 1).compiled  # 0: every shard

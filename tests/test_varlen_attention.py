@@ -27,6 +27,7 @@ LENGTHS = {
     "across blocks": [3, 70, 1, 129, 5],
     "equal": [17] * 5,
     "random": np.random.default_rng(0).integers(1, 100, 8).tolist(),
+    "longer than 512": [530, 7],
 }
 # (heads, head_dim, dtype, tolerance against the fp32 reference). The interpreter computes in NumPy,
 # which has no bfloat16.

@@ -1,7 +1,7 @@
 """Varlen (packed) attention back ends, chosen once when a model is loaded.
 
 A pack is described once, by `plan_attention`: whatever a back end derives from the pack's
-`cu_seqlens` (a padding layout and mask, a FlexAttention block mask, host-side bounds) is computed
+`cu_seqlens` (a padding layout and mask, host-side bounds) is computed
 there and shared by every layer, so no layer repeats it and compiled layers see plain tensors.
 `attend(q, k, v, plan, scale=...)` then takes q, k, v of shape (T, H, D) and returns (T, H, D).
 Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly once. An optional
@@ -19,9 +19,6 @@ Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly on
 - `sdpa_reference`: one SDPA call per sequence (the exact CPU/fp32 reference). Its (H, L, D) inputs
   take SDPA's unfused math path, ~10 small ops per sequence and layer: the CPU's old default, slow
   in Python overhead and, on a busy machine, in OpenMP waits per op.
-- `flex`: FlexAttention over the pack with a block-sparse document mask built straight from
-  `cu_seqlens`, ALiBi as a `score_mod` (compiled on CUDA; on the CPU it runs uncompiled,
-  materialising the scores, for tests only).
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vnp_core.packing import length_groups, pad_packed, padded_gather_index, padded_slots, token_layout, unpad
+from vnp_core.packing import length_groups, pad_packed, padded_gather_index, padded_slots, unpad
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +41,6 @@ log = logging.getLogger(__name__)
 # Exact-length groups (0) made more calls and ran 3-20% slower on VirNucPro-like packs; 1/16 to 1/2
 # were within noise of each other (2 threads of a Xeon, ESM-2 2x64 and 6x320, 30-1022 residues).
 BUCKET_MAX_PADDING = 0.125
-# FlexAttention's default tile: a query block visits only the key blocks of the sequences it touches.
-FLEX_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,6 @@ class AttentionPlan:
     alibi_slopes: torch.Tensor | None = None  # (H,) fp32
     slots: torch.Tensor | None = None  # sdpa_padded: (T,) each token's row of the (B * S) padded rows
     mask: torch.Tensor | None = None  # sdpa_padded: (B, 1, 1, S) bool, or (B, H, S, S) ALiBi bias with -inf pads
-    block_mask: object | None = None  # flex: a BlockMask
     bounds: tuple[int, ...] = ()  # sdpa_reference: cu_seqlens on the host
     buckets: tuple[Bucket, ...] = ()  # sdpa_bucketed
     unbucket: torch.Tensor | None = None  # sdpa_bucketed: (T,) each token's row in the buckets' outputs, concatenated
@@ -118,32 +112,6 @@ def _alibi_mask(slopes: torch.Tensor, length: int, dtype: torch.dtype, key_mask:
     return bias if key_mask is None else bias.masked_fill(~key_mask, float("-inf"))
 
 
-def document_block_mask(cu_seqlens: torch.Tensor, tokens: int, block: int = FLEX_BLOCK):
-    """FlexAttention BlockMask keeping each token to its own sequence, built in O(T) from `cu_seqlens`.
-
-    `create_block_mask` would evaluate the mask for all T x T token pairs; here query block i lists
-    the key blocks from the start of the first sequence it touches to the end of the last, and the
-    mask_mod trims the partial blocks. No host synchronisation: every size comes from `tokens`.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    cu = cu_seqlens.long()
-    sequence, _ = token_layout(cu_seqlens, tokens)
-    num_blocks = -(-tokens // block)
-    starts = torch.arange(num_blocks, device=cu.device) * block
-    first, last = sequence[starts], sequence[(starts + block - 1).clamp(max=tokens - 1)]
-    lo, hi = cu[first] // block, (cu[last + 1] - 1) // block
-    kv_indices = (lo[:, None] + torch.arange(num_blocks, device=cu.device)).clamp(max=num_blocks - 1)
-    # Tokens past the pack's end (the last block's tail) belong to no sequence.
-    owner = F.pad(sequence, (0, num_blocks * block - tokens), value=-1)
-
-    def same_sequence(b, h, q_idx, kv_idx):
-        return owner[q_idx] == owner[kv_idx]
-
-    return BlockMask.from_kv_blocks((hi - lo + 1).int()[None, None], kv_indices.int()[None, None], BLOCK_SIZE=block,
-                                    mask_mod=same_sequence, seq_lengths=(tokens, tokens))
-
-
 def plan_attention(backend: str, cu_seqlens: torch.Tensor, tokens: int, max_seqlen: int, dtype: torch.dtype,
                    alibi_slopes: torch.Tensor | None = None) -> AttentionPlan:
     """Everything `backend` derives from one pack's boundaries, computed once for all layers."""
@@ -156,8 +124,6 @@ def plan_attention(backend: str, cu_seqlens: torch.Tensor, tokens: int, max_seql
     if backend == "sdpa_padded":
         return replace(plan, slots=padded_slots(cu_seqlens, tokens, max_seqlen),
                        mask=padded_attention_mask(cu_seqlens, max_seqlen, dtype, alibi_slopes))
-    if backend == "flex":
-        return replace(plan, block_mask=document_block_mask(cu_seqlens, tokens))
     if backend == "sdpa_reference":
         return replace(plan, bounds=tuple(cu_seqlens.tolist()))
     if backend == "sdpa_bucketed":
@@ -226,29 +192,6 @@ def _sdpa_reference(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
     return out
 
 
-@functools.cache
-def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    # dynamic: every pack has its own length, and a recompile per length would cost more than it saves.
-    return torch.compile(flex_attention, dynamic=True)
-
-
-def _flex(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    slopes = plan.alibi_slopes
-
-    def alibi(score, b, h, q_idx, kv_idx):
-        # Sequences lie contiguously in the pack, so within one |q_idx - kv_idx| is their distance.
-        return score - slopes[h] * (q_idx - kv_idx).abs()
-
-    attend_fn = _compiled_flex_attention() if q.is_cuda else flex_attention
-    out = attend_fn(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=plan.block_mask, scale=scale,
-                    score_mod=None if slopes is None else alibi)
-    return out[0].transpose(0, 1)
-
-
 BACKENDS = {
     "flash_attn": _flash_attn,
     "torch_varlen": _torch_varlen,
@@ -256,7 +199,6 @@ BACKENDS = {
     "sdpa_padded": _sdpa_padded,
     "sdpa_bucketed": _sdpa_bucketed,
     "sdpa_reference": _sdpa_reference,
-    "flex": _flex,
 }
 
 

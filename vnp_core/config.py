@@ -14,7 +14,7 @@ ChunkLength = Literal[300, 500]
 Dtype = Literal["float32", "float16", "bfloat16"]
 # ESM-2 was trained on crops of 1022 residues between <cls> and <eos>: longer proteins keep their N-terminal part.
 ESM2_MAX_RESIDUES = 1022
-AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "triton_varlen", "sdpa_padded", "sdpa_bucketed", "sdpa_reference", "flex"]
+AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "triton_varlen", "sdpa_padded", "sdpa_bucketed", "sdpa_reference"]
 
 
 @dataclass(frozen=True)

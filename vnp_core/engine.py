@@ -274,17 +274,24 @@ def load_job(job: ShardJob) -> _PreparedJob:
     return _PreparedJob(model, ids, tokenized, load_seconds, in_store)
 
 
-def configure_compiler(cache_dir: Path | None) -> None:
-    """This process's torch.compile settings: its output kept in `cache_dir` (None: torch's default),
-    under keys that are the same in every process (a Ray actor's too), and each model traced once.
+def use_kernel_cache(cache_dir: Path | None) -> None:
+    """This process's compiled GPU kernels kept in `cache_dir` (None: torch's and Triton's defaults):
+    Inductor's graphs and every Triton kernel, vnp's own too (`row_kernels`, `varlen_attention`),
+    compiled or not, so a host that has run a model before compiles none of them again.
 
-    torch takes the folder from these two variables, read each time it compiles or looks a compiled
-    graph up, never at import; its compile workers, started at the first compile, inherit them.
+    torch and Triton take the folder from these two variables, read each time they compile or look a
+    kernel up, never at import; torch's compile workers, started at the first compile, inherit them.
     """
     if cache_dir is not None:
         cache_dir = Path(cache_dir).resolve()
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
         os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+
+
+def configure_compiler(cache_dir: Path | None) -> None:
+    """This process's torch.compile settings: its output kept in `cache_dir` (`use_kernel_cache`),
+    under keys that are the same in every process (a Ray actor's too), and each model traced once."""
+    use_kernel_cache(cache_dir)
     # Inductor's cache key pickles each parameter's memory format. A memory format's own reduction names no
     # module, so pickle names the first module in sys.modules that reaches it: another one in a Ray actor
     # (its `__mp_main__`) than in our device process, so each actor missed the cache and compiled anew.
@@ -302,10 +309,14 @@ def _memory_format(name: str) -> torch.memory_format:
 
 
 def compile_if_worth_it(model: LoadedModel, config: EmbedConfig, num_tokens: int) -> LoadedModel:
-    """The model with its layers wrapped by torch.compile when that repays its cost on `num_tokens`
-    tokens (`config.compile_min_tokens`, else the model's own break-even); tracing waits for the first pack."""
+    """The model ready for a device loop over `num_tokens` tokens: on a GPU its kernels cached in
+    `config.compile_cache_dir`, and its layers wrapped by torch.compile when that repays its cost
+    (`config.compile_min_tokens`, else the model's own break-even); tracing waits for the first pack."""
+    if model.device.type != "cuda":
+        return model
+    use_kernel_cache(config.compile_cache_dir)  # vnp's own Triton kernels run compiled or not
     threshold = model_spec(model.kind).compile_min_tokens if config.compile_min_tokens is None else config.compile_min_tokens
-    if not config.compile_layers or model.device.type != "cuda" or model.compiled or threshold is None or num_tokens < threshold:
+    if not config.compile_layers or model.compiled or threshold is None or num_tokens < threshold:
         return model
     configure_compiler(config.compile_cache_dir)
     model.module.compile_layers()
