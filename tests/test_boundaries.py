@@ -45,10 +45,10 @@ def test_importing_every_core_module_loads_no_dagster_and_no_asset_layer() -> No
 # +68: the fused ops of both models (add + LayerNorm, gated GELU: two Triton kernels and their custom
 # ops), ESM-2's fc1 GELU in cuBLASLt's epilogue, the padded attention's flat slots: ESM-2 fp16 +8%,
 # DNABERT-S eager +33-36% on an H200.
-# +56: DNABERT-S's attention as one Triton kernel over the pack with ALiBi, and its custom op
+# +58: DNABERT-S's attention as one Triton kernel over the pack with ALiBi, and its custom op
 # (DNABERT-S 1.31M -> 1.70-1.77M tokens/s on an H200), and uncompiled models' kernels kept in the
 # compile cache; FlexAttention's back end (-36) removed, 9x slower than that kernel.
-CODE_LINE_BUDGET = 5996
+CODE_LINE_BUDGET = 5998
 
 
 def code_lines(source: str) -> int:

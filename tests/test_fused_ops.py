@@ -1,27 +1,18 @@
 """The fused ops' Triton kernels give the eager ops' numbers.
 
-On a GPU the ops run their kernels. Without one, the ops run the eager ops themselves, so
-`test_every_case_passes_in_tritons_interpreter` runs this file again with `TRITON_INTERPRET=1`, where
-the cases call the kernels' launchers (`row_kernels`) on the CPU.
+On a GPU the ops run their kernels. On the CPU the ops are the eager ops, so in Triton's interpreter
+(`triton_interpreter`) the cases call the kernels' launchers (`row_kernels`) instead.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import DEVICE, INTERPRETED, interpreter_rerun, runs_here
 
 from vnp_core.models import fused_ops
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-runs_here = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
-                               reason="on a GPU; without one, test_every_case_passes_in_tritons_interpreter runs it")
 # ESM-2 3B's and DNABERT-S's widths, ragged ones, none
 SHAPES = [(1000, 2560), (1000, 768), (1000, 3072), (7, 100), (3, 64), (0, 64)]
 if INTERPRETED:  # a program per row, each interpreted: fewer rows, the same row shapes
@@ -76,11 +67,4 @@ def test_gelu_mul_gives_the_eager_ops_numbers(rows, width, dtype, tolerance):
     torch.testing.assert_close(gelu_mul(x), F.gelu(gate) * up, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="runs the cases above where they cannot run: without a GPU, outside the interpreter")
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package (the dev extra)")
-def test_every_case_passes_in_tritons_interpreter():
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert "1 skipped" in summary and "failed" not in summary, summary  # every case ran but this one
+test_every_case_passes_in_tritons_interpreter = interpreter_rerun(__file__)

@@ -1,27 +1,17 @@
 """The Triton varlen attention kernel (`vnp::varlen_attention`) does the per-sequence reference's math.
 
-On a GPU its cases run there. Without one, `test_every_case_passes_in_tritons_interpreter` runs this
-file again in a subprocess with `TRITON_INTERPRET=1`, where Triton runs the same kernel on the CPU
-(the variable takes effect when the kernel is defined, so it cannot be switched on in this process).
+On a GPU its cases run there; without one, in Triton's interpreter (`triton_interpreter`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+from triton_interpreter import DEVICE, INTERPRETED, interpreter_rerun, runs_here
 
 from vnp_core.attention import attend, plan_attention
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-runs_here = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
-                               reason="on a GPU; without one, test_every_case_passes_in_tritons_interpreter runs it")
 LENGTHS = {
     "one token": [1],
     "across blocks": [3, 70, 1, 129, 5],
@@ -109,12 +99,4 @@ def test_dnabert_s_on_the_kernel_is_the_reference_model():
     torch.testing.assert_close(model.embed(batch), reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETED, reason="runs the cases above where they cannot run: without a GPU, outside the interpreter")
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package (the dev extra)")
-def test_every_case_passes_in_tritons_interpreter():
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    # Every case ran: the only skip is this test itself.
-    assert "1 skipped" in summary and "failed" not in summary, summary
+test_every_case_passes_in_tritons_interpreter = interpreter_rerun(__file__)

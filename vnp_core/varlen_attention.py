@@ -24,21 +24,26 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
+def _head_block(ptr, token_stride, tokens, head, head_dim, dims):
+    """Pointers to head `head` of `tokens` (rows of a (T, H, head_dim) view): a (tokens, dims) block."""
+    return ptr + tokens[:, None] * token_stride + head * head_dim + dims[None, :]
+
+
+@triton.jit
 def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, slopes_ptr,
                              q_stride, k_stride, v_stride, out_stride, head_dim, scale_log2,
-                             LOG2E: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr, DIM_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                             LOG2E: tl.constexpr, HAS_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+                             DIM_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     sequence, head, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + sequence).to(tl.int64)
     length = tl.load(cu_seqlens_ptr + sequence + 1).to(tl.int64) - start
     if block * BLOCK_M >= length:
         return
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in the sequence
     dims = tl.arange(0, DIM_BLOCK)
     dim_in = dims < head_dim
-    row_in = rows < length
-    # Head h of a token starts h * head_dim into the token's row of each tensor.
-    q = tl.load(q_ptr + (start + rows)[:, None] * q_stride + head * head_dim + dims[None, :],
-                mask=row_in[:, None] & dim_in[None, :], other=0.0)
+    q_mask = (rows < length)[:, None] & dim_in[None, :]
+    q = tl.load(_head_block(q_ptr, q_stride, start + rows, head, head_dim, dims), mask=q_mask, other=0.0)
     slope_log2 = 0.0
     if HAS_ALIBI:
         slope_log2 = tl.load(slopes_ptr + head) * LOG2E
@@ -49,7 +54,7 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, slope
         cols = key_start + tl.arange(0, BLOCK_N)
         col_in = cols < length
         kv_mask = col_in[:, None] & dim_in[None, :]
-        k = tl.load(k_ptr + (start + cols)[:, None] * k_stride + head * head_dim + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_head_block(k_ptr, k_stride, start + cols, head, head_dim, dims), mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         if HAS_ALIBI:
             scores -= slope_log2 * tl.abs(rows[:, None] - cols[None, :]).to(tl.float32)
@@ -58,14 +63,11 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_seqlens_ptr, slope
         weights = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(weights, axis=1)
-        v = tl.load(v_ptr + (start + cols)[:, None] * v_stride + head * head_dim + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(_head_block(v_ptr, v_stride, start + cols, head, head_dim, dims), mask=kv_mask, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         row_max = new_max
     out = acc / row_sum[:, None]
-    tl.store(out_ptr + (start + rows)[:, None] * out_stride + head * head_dim + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & dim_in[None, :])
-
-
+    tl.store(_head_block(out_ptr, out_stride, start + rows, head, head_dim, dims), out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 def block_sizes(max_seqlen: int) -> tuple[int, int]:
