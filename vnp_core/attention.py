@@ -1,8 +1,8 @@
 """Varlen (packed) attention back ends, chosen once when a model is loaded.
 
 A pack is described once, by `plan_attention`: whatever a back end derives from the pack's
-`cu_seqlens` (a padding layout and mask, host-side bounds) is computed
-there and shared by every layer, so no layer repeats it and compiled layers see plain tensors.
+`cu_seqlens` (a padding layout and mask, host-side bounds) is computed there and shared by every
+layer, so no layer repeats it and compiled layers see plain tensors.
 `attend(q, k, v, plan, scale=...)` then takes q, k, v of shape (T, H, D) and returns (T, H, D).
 Attention never crosses a sequence boundary. `scale` multiplies q k^T exactly once. An optional
 `alibi_slopes` (H,) fp32 adds the symmetric bias `-slope[h] * |i - j|` (DNABERT-S).
@@ -246,7 +246,7 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype, nee
         if name not in BACKENDS:
             raise ValueError(f"unknown attention back end {name!r}; choose one of {sorted(BACKENDS)} or 'auto'")
         if name in ("flash_attn", "torch_varlen", "triton_varlen") and not (cuda and half):
-            raise ValueError(f"attention back end {name} needs a CUDA device and float16/bfloat16")
+            raise ValueError(f"attention back end {name} needs a CUDA device and float16/bfloat16: choose 'auto' here")
         if name == "flash_attn" and not flash_attn_available():
             raise ValueError("attention back end flash_attn requested but the flash-attn package is not installed")
         if name == "torch_varlen" and (needs_bias or not torch_varlen_available()):
